@@ -1,0 +1,201 @@
+"""Image keys <-> identifiers (naive, atomic, semantic), saved beside the weights, with the decoding constraint."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, prefix_allowed_tokens_fn
+from .semantic_ids import hierarchical_kmeans_ids
+
+INDEX_FILE_NAME = "image_index.json"
+SCHEMES = ("naive", "atomic", "semantic")
+ATOMIC_TOKEN = "<img_{}>"
+
+
+class ImageIndex:
+    """The collection a model memorises: for each image key, its identifier string and token ids.
+
+    `token_ids` exclude eos (the trie and `labels_for` add it). Positions (0..N-1) are the index's own ids.
+    """
+
+    def __init__(self, keys: Sequence[str], id_strings: Sequence[str], token_ids: Sequence[Sequence[int]],
+                 scheme: str, eos_token_id: int, pad_token_id: int, added_tokens: Sequence[str] = ()):
+        if scheme not in SCHEMES:
+            raise ValueError(f"--docid_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+        if not (len(keys) == len(id_strings) == len(token_ids)):
+            raise ValueError("keys, id_strings and token_ids must have one entry per image.")
+        self.keys = [str(k) for k in keys]
+        self.id_strings = list(id_strings)
+        self.token_ids = [list(map(int, t)) for t in token_ids]
+        self.scheme = scheme
+        self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
+        self.added_tokens = list(added_tokens)
+        self.position_of_key = {}
+        for position, key in enumerate(self.keys):
+            if key in self.position_of_key:
+                raise ValueError(f"Duplicate image key {key!r} in the image index.")
+            self.position_of_key[key] = position
+        self.position_of_tokens = {}
+        for position, tokens in enumerate(self.token_ids):
+            previous = self.position_of_tokens.setdefault(tuple(tokens), position)
+            if previous != position:
+                raise ValueError(
+                    f"Images {self.keys[previous]!r} and {self.keys[position]!r} got the same identifier tokens "
+                    f"{tokens} (ids {self.id_strings[previous]!r}, {self.id_strings[position]!r}): the tokenizer "
+                    "cannot tell these identifiers apart.")
+
+    # ----- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, keys: Sequence[str], tokenizer, scheme: str = "naive", embeddings: np.ndarray | None = None,
+              num_clusters: int = 10, max_leaf_size: int = 100, seed: int = 0) -> "ImageIndex":
+        """Assign identifiers. `atomic` adds one token per image to `tokenizer` (resize the model after:
+        `index.resize_model_embeddings(model)`); `semantic` needs one embedding row per key."""
+        keys = [str(k) for k in keys]
+        if scheme == "naive":
+            id_strings = [str(i) for i in range(len(keys))]
+        elif scheme == "atomic":
+            id_strings = [ATOMIC_TOKEN.format(i) for i in range(len(keys))]
+            tokenizer.add_tokens(id_strings)
+        elif scheme == "semantic":
+            if embeddings is None:
+                raise ValueError("--docid_scheme semantic needs image embeddings (from the image tower, a trained "
+                                 "dual encoder, or --semantic_embeddings FILE.npy).")
+            if len(embeddings) != len(keys):
+                raise ValueError(f"Semantic ids: {len(embeddings)} embedding rows for {len(keys)} images.")
+            id_strings = hierarchical_kmeans_ids(embeddings, num_clusters, max_leaf_size, seed)
+        else:
+            raise ValueError(f"--docid_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+        token_ids = cls._tokenize(tokenizer, id_strings)
+        added = id_strings if scheme == "atomic" else []
+        return cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added)
+
+    @staticmethod
+    def _tokenize(tokenizer, id_strings: Sequence[str]) -> list[list[int]]:
+        return tokenizer(list(id_strings), add_special_tokens=False)["input_ids"]
+
+    def resize_model_embeddings(self, model) -> None:
+        """Grow the model's vocabulary to cover every identifier token (the atomic scheme's new tokens)."""
+        needed = self.max_token_id + 1
+        if model.get_input_embeddings().num_embeddings < needed:
+            model.resize_token_embeddings(needed)
+
+    # ----- lookups ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def max_token_id(self) -> int:
+        return max(max(t) for t in self.token_ids)
+
+    @property
+    def max_id_length(self) -> int:
+        """Longest identifier in tokens, eos included."""
+        return max(len(t) for t in self.token_ids) + 1
+
+    def labels_for(self, key: str) -> list[int]:
+        return self.token_ids[self.position_of_key[str(key)]] + [self.eos_token_id]
+
+    def decode(self, sequences: torch.Tensor | np.ndarray, num_start_tokens: int = 1) -> np.ndarray:
+        """Index position of each generated row (start token first); -1 for anything that is not an identifier."""
+        sequences = np.asarray(sequences.cpu() if isinstance(sequences, torch.Tensor) else sequences)
+        positions = np.full(len(sequences), -1, dtype=np.int64)
+        for row, tokens in enumerate(sequences[:, num_start_tokens:].tolist()):
+            positions[row] = self.position_of_label(tokens)
+        return positions
+
+    def position_of_label(self, tokens: Sequence[int]) -> int:
+        """Position of a token row that must end with eos (then pad / -100 / nothing); -1 otherwise."""
+        tokens = list(tokens)
+        if self.eos_token_id not in tokens:
+            return -1
+        end = tokens.index(self.eos_token_id)
+        if any(t not in (self.pad_token_id, -100, self.eos_token_id) for t in tokens[end + 1:]):
+            return -1
+        return self.position_of_tokens.get(tuple(tokens[:end]), -1)
+
+    # ----- the decoding constraint -----------------------------------------------------------------
+    @cached_property
+    def trie(self) -> IdTrie:
+        return IdTrie(self.token_ids, self.eos_token_id, self.pad_token_id)
+
+    def logits_processor(self) -> TrieConstrainedLogitsProcessor:
+        return TrieConstrainedLogitsProcessor(self.trie)
+
+    def prefix_allowed_tokens_fn(self):
+        return prefix_allowed_tokens_fn(self.trie)
+
+    # ----- persistence -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                "added_tokens": self.added_tokens, "keys": self.keys, "id_strings": self.id_strings,
+                "token_ids": self.token_ids}
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write `image_index.json` atomically (temp file + rename): a crash never leaves half an index."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, INDEX_FILE_NAME)
+        handle, tmp = tempfile.mkstemp(dir=directory, prefix=".image_index.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ImageIndex":
+        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else str(path)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        try:
+            return cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
+                       data["pad_token_id"], data.get("added_tokens", []))
+        except KeyError as err:
+            raise ValueError(f"{path}: image index is missing the field {err.args[0]!r}.") from err
+
+    @classmethod
+    def from_pretrained_if_present(cls, name_or_path: str | os.PathLike) -> "ImageIndex | None":
+        """The index saved beside a checkpoint (a local directory or a Hub repo); None if it has none."""
+        if os.path.isdir(name_or_path):
+            path = os.path.join(name_or_path, INDEX_FILE_NAME)
+            return cls.load(path) if os.path.exists(path) else None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return cls.load(hf_hub_download(str(name_or_path), INDEX_FILE_NAME))
+        except Exception:  # noqa: BLE001 - a repo without an index is a valid checkpoint
+            return None
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        if self.max_token_id >= vocab_size:
+            raise ValueError(
+                f"The image index uses token id {self.max_token_id} but the model's vocabulary has {vocab_size} "
+                "tokens: the index and the weights do not belong together (atomic ids need resized embeddings).")
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Fail clearly when a tokenizer would not reproduce this index's identifier tokens."""
+        missing = [t for t in self.added_tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"The tokenizer lacks {len(missing)} identifier tokens of this image index "
+                             f"(e.g. {missing[:3]}); load the tokenizer saved with the checkpoint.")
+        sample = range(0, len(self), max(1, len(self) // 1000))
+        retokenized = self._tokenize(tokenizer, [self.id_strings[i] for i in sample])
+        for position, tokens in zip(sample, retokenized):
+            if list(tokens) != self.token_ids[position]:
+                raise ValueError(
+                    f"The tokenizer turns identifier {self.id_strings[position]!r} (image "
+                    f"{self.keys[position]!r}) into {list(tokens)}, but the index holds {self.token_ids[position]}: "
+                    "load the tokenizer saved with the checkpoint.")
+
+
+__all__ = ["ImageIndex", "INDEX_FILE_NAME", "SCHEMES"]

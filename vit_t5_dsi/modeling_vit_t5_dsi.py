@@ -1,0 +1,370 @@
+"""ViT + T5 models that index images by writing their identifiers, and the dual-encoder baseline.
+
+One base class (`ViTT5DSIPreTrainedModel`) owns the image tower, weight init, composition from separately
+pretrained parts and saving the image index beside the weights. The two generative variants share one class;
+the only place where they differ is `_image_encoder_states`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    GenerationMixin,
+    PreTrainedModel,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    TimmWrapperConfig,
+    TimmWrapperModel,
+    ViTModel,
+)
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.utils import ModelOutput
+
+from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
+from .image_index import INDEX_FILE_NAME, ImageIndex
+
+logger = logging.getLogger(__name__)
+
+
+def build_vision_tower(vision_config) -> PreTrainedModel:
+    """The image tower for a vision sub-config; ViT without its pooler (unused parameters break DDP)."""
+    if vision_config.model_type == "vit":
+        return ViTModel(vision_config, add_pooling_layer=False)
+    return AutoModel.from_config(vision_config)
+
+
+def vision_tower_width(tower: PreTrainedModel) -> int:
+    if isinstance(tower, TimmWrapperModel):
+        return int(tower.timm_model.num_features)
+    return int(tower.config.hidden_size)
+
+
+def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
+    """A ViT (or any AutoModel vision) checkpoint, a `timm/...` Hub repo, or a bare timm architecture name."""
+    import timm
+
+    if not os.path.isdir(name_or_path) and timm.is_model(name_or_path):
+        tower = TimmWrapperModel(TimmWrapperConfig(architecture=name_or_path))
+        try:  # timm's own pretrained weights need the network; offline we keep the random init, loudly
+            pretrained = timm.create_model(name_or_path, pretrained=True, num_classes=0)
+            tower.timm_model.load_state_dict(pretrained.state_dict())
+        except Exception as err:  # noqa: BLE001 - any download failure means the same thing here
+            logger.warning("timm weights for %r unavailable (%s); the image tower starts from random weights.",
+                           name_or_path, err)
+        return tower
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type == "vit":
+        return ViTModel.from_pretrained(name_or_path, add_pooling_layer=False)
+    return AutoModel.from_pretrained(name_or_path)
+
+
+def pad_and_stack(first: torch.Tensor, first_mask: torch.Tensor, second: torch.Tensor, second_mask: torch.Tensor):
+    """Concatenate two (B, S, D) batches of different lengths along the batch, right-padding the shorter."""
+    length = max(first.shape[1], second.shape[1])
+
+    def pad(states, mask):
+        extra = length - states.shape[1]
+        return F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+    first, first_mask = pad(first, first_mask)
+    second, second_mask = pad(second, second_mask)
+    return torch.cat([first, second]), torch.cat([first_mask, second_mask])
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(states.dtype).unsqueeze(-1)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class ViTT5DSIPreTrainedModel(PreTrainedModel):
+    config_class = ViTT5DSIConfig
+    config: ViTT5DSIConfig
+    base_model_prefix = "vit_t5_dsi"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    # The loss is a per-process mean; Trainer must not rescale it by the number of processes (DDP).
+    accepts_loss_kwargs = False
+    _text_model_class: type[PreTrainedModel] = T5ForConditionalGeneration
+    _text_model_attribute = "language_model"
+
+    def __init__(self, config: ViTT5DSIConfig, vision_model: PreTrainedModel | None = None,
+                 text_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else build_vision_tower(config.vision_config)
+        text_model = text_model if text_model is not None else self._text_model_class(config.text_config)
+        setattr(self, self._text_model_attribute, text_model)
+        self.image_index: ImageIndex | None = None
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models (ViT, T5, timm) initialise themselves; this covers the layers this class adds.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ----- image tower -----------------------------------------------------------------------------
+    def vision_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, S, D_vision) token states of the image tower, whatever its kind (ViT tokens, CNN grid)."""
+        if isinstance(self.vision_model, TimmWrapperModel):
+            states = self.vision_model(pixel_values, do_pooling=False).last_hidden_state
+        else:
+            states = self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype)).last_hidden_state
+        if states.dim() == 4:  # a convolutional feature map (B, C, H, W)
+            states = states.flatten(2).transpose(1, 2)
+        return states
+
+    # ----- composition and persistence -------------------------------------------------------------
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
+                                    **config_kwargs) -> "ViTT5DSIPreTrainedModel":
+        """Compose a model from a pretrained image tower (ViT checkpoint or timm name) and a pretrained T5."""
+        vision = load_pretrained_vision_tower(vision_model_name_or_path)
+        text = cls._text_model_class.from_pretrained(text_model_name_or_path)
+        config = ViTT5DSIConfig(vision_config=vision.config, text_config=text.config, **config_kwargs)
+        if config.variant in GENERATIVE_VARIANTS and cls._text_model_class is not T5ForConditionalGeneration:
+            raise ValueError(f"variant={config.variant!r} needs ViTT5DSIForConditionalGeneration.")
+        if config.variant == "dual_encoder" and cls is not ViTT5DSIDualEncoderModel:
+            raise ValueError("variant='dual_encoder' needs ViTT5DSIDualEncoderModel.")
+        return cls(config, vision_model=vision, text_model=text)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.image_index is not None and kwargs.get("is_main_process", True):
+            self.image_index.save(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.image_index = ImageIndex.from_pretrained_if_present(pretrained_model_name_or_path)
+        if model.image_index is not None:
+            model.image_index.check_vocabulary(model.get_input_embeddings().num_embeddings)
+        return model
+
+    def get_input_embeddings(self):
+        return getattr(self, self._text_model_attribute).get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        getattr(self, self._text_model_attribute).set_input_embeddings(value)
+
+
+class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin):
+    """Writes image identifiers from images (indexing) or captions (retrieval) with one T5 decoder.
+
+    `forward` takes `pixel_values`, `input_ids`/`attention_mask`, or both: a mixed batch whose rows are the
+    images first, then the captions, with `labels` in that order (DSI's co-training of indexing and retrieval).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"language_model\.decoder\.block\.0\.layer\.1\.EncDecAttention\.relative"]
+
+    def __init__(self, config: ViTT5DSIConfig, vision_model=None, text_model=None):
+        if config.variant not in GENERATIVE_VARIANTS:
+            raise ValueError(f"ViTT5DSIForConditionalGeneration needs a generative variant, got {config.variant!r}; "
+                             "use ViTT5DSIDualEncoderModel for 'dual_encoder'.")
+        super().__init__(config, vision_model, text_model)
+        width, d_model = vision_tower_width(self.vision_model), config.text_config.d_model
+        learn_codebook_projection = config.variant == "codebook" and config.codebook_straight_through
+        if width != d_model or learn_codebook_projection:
+            self.visual_projection = nn.Linear(width, d_model)
+        else:
+            self.visual_projection = nn.Identity()
+        self.post_init()
+
+    @property
+    def encoder_decoder(self) -> T5ForConditionalGeneration:
+        return self.language_model
+
+    def get_encoder(self):
+        return self.language_model.get_encoder()
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        embeddings = self.language_model.resize_token_embeddings(*args, **kwargs)
+        self.config.text_config.vocab_size = embeddings.num_embeddings
+        return embeddings
+
+    # ----- the one place where the generative variants differ --------------------------------------
+    def _image_encoder_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """States the T5 decoder cross-attends to for a batch of images, and an auxiliary loss."""
+        states = self.vision_states(pixel_values)
+        if self.config.variant == "cross_attention":
+            return self.visual_projection(states), None
+        return self._codebook_encoder_states(states)
+
+    def _codebook_encoder_states(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Snap projected patch states to T5's input embeddings (visual tokens) and read them with T5's encoder."""
+        if isinstance(self.vision_model, ViTModel):
+            states = states[:, 1:]  # patch tokens only, not [CLS]
+        pooled = F.adaptive_avg_pool1d(states.transpose(1, 2), self.config.codebook_num_tokens).transpose(1, 2)
+        codebook = self.get_input_embeddings().weight
+        straight_through = self.config.codebook_straight_through
+        with torch.set_grad_enabled(straight_through and torch.is_grad_enabled()):
+            projected = self.visual_projection(pooled).to(codebook.dtype)
+        with torch.no_grad():
+            distances = (projected.pow(2).sum(-1, keepdim=True) - 2 * projected @ codebook.T
+                         + codebook.pow(2).sum(-1))
+            token_ids = distances.argmin(-1)
+        if not straight_through:  # the seed's gradient-free lookup: plain token ids into T5's encoder
+            return self.language_model.encoder(input_ids=token_ids).last_hidden_state, None
+        quantized = codebook[token_ids].detach()
+        visual_tokens = projected + (quantized - projected).detach()  # straight-through estimator
+        commitment = self.config.codebook_commitment_weight * F.mse_loss(projected, quantized)
+        return self.language_model.encoder(inputs_embeds=visual_tokens).last_hidden_state, commitment
+
+    # ----- encoding, forward, generate -------------------------------------------------------------
+    def encode(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None):
+        """Encoder states for images, captions or a mixed batch: (BaseModelOutput, attention mask, aux loss)."""
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Pass pixel_values (images), input_ids (captions), or both.")
+        parts, aux_loss = [], None
+        if pixel_values is not None:
+            image_states, aux_loss = self._image_encoder_states(pixel_values)
+            image_mask = torch.ones(image_states.shape[:2], dtype=torch.long, device=image_states.device)
+            parts.append((image_states, image_mask))
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = (input_ids != self.config.pad_token_id).long()
+            text_states = self.language_model.encoder(input_ids=input_ids, attention_mask=attention_mask)
+            parts.append((text_states.last_hidden_state, attention_mask))
+        if len(parts) == 1:
+            states, mask = parts[0]
+        else:
+            (image_states, image_mask), (text_states, text_mask) = parts
+            if self.config.alignment_loss_weight > 0 and labels is not None:
+                alignment = self._alignment_loss(image_states, image_mask, text_states, text_mask, labels)
+                aux_loss = alignment if aux_loss is None else aux_loss + alignment
+            states, mask = pad_and_stack(image_states, image_mask, text_states, text_mask)
+        return BaseModelOutput(last_hidden_state=states), mask, aux_loss
+
+    def _alignment_loss(self, image_states, image_mask, text_states, text_mask, labels):
+        """Contrastive loss pulling each caption toward the image of the same identifier in the batch."""
+        num_images = image_states.shape[0]
+        image_labels, text_labels = labels[:num_images], labels[num_images:]
+        matches = (text_labels[:, None, :] == image_labels[None, :, :]).all(-1)  # (texts, images)
+        has_match = matches.any(1)
+        if not has_match.any():
+            return image_states.new_zeros(())
+        images = F.normalize(masked_mean(image_states, image_mask), dim=-1)
+        texts = F.normalize(masked_mean(text_states, text_mask), dim=-1)
+        logits = texts[has_match] @ images.T / 0.07
+        return self.config.alignment_loss_weight * F.cross_entropy(logits, matches[has_match].float().argmax(1))
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, encoder_outputs=None, labels=None, cache=None, use_cache=None,
+                **kwargs) -> Seq2SeqLMOutput:
+        aux_loss = None
+        if encoder_outputs is None:
+            encoder_outputs, attention_mask, aux_loss = self.encode(pixel_values, input_ids, attention_mask, labels)
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.language_model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                                      decoder_input_ids=decoder_input_ids,
+                                      decoder_attention_mask=decoder_attention_mask, labels=labels, cache=cache,
+                                      use_cache=use_cache, **kwargs)
+        if aux_loss is not None and outputs.loss is not None:
+            outputs.loss = outputs.loss + aux_loss
+        return outputs
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, encoder_outputs=None, **kwargs):
+        """Generate identifiers from images or captions; the encoder runs once, before the search."""
+        if encoder_outputs is None:
+            encoder_outputs, attention_mask, _ = self.encode(pixel_values, input_ids, attention_mask)
+        else:  # generate() expands encoder_outputs in place for the beams: never hand it the caller's object
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
+        if attention_mask is None:
+            attention_mask = torch.ones(encoder_outputs.last_hidden_state.shape[:2], dtype=torch.long,
+                                        device=encoder_outputs.last_hidden_state.device)
+        return super().generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask, **kwargs)
+
+
+@dataclass
+class DualEncoderOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
+    """The dense baseline: pooled ViT and T5-encoder embeddings, CLIP-style symmetric contrastive loss."""
+
+    main_input_name = "input_ids"
+    _text_model_class = T5EncoderModel
+    _text_model_attribute = "text_model"
+
+    def __init__(self, config: ViTT5DSIConfig, vision_model=None, text_model=None):
+        if config.variant != "dual_encoder":
+            raise ValueError(f"ViTT5DSIDualEncoderModel needs variant='dual_encoder', got {config.variant!r}.")
+        super().__init__(config, vision_model, text_model)
+        dim = config.projection_dim or config.text_config.d_model
+        self.visual_projection = nn.Linear(vision_tower_width(self.vision_model), dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.d_model, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            self.logit_scale.fill_(self.config.logit_scale_init_value)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, projection_dim): mean of the tower's token states."""
+        return F.normalize(self.visual_projection(self.vision_states(pixel_values).mean(1)), dim=-1)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised caption embeddings (B, projection_dim): masked mean of T5-encoder states."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_projection(masked_mean(states, attention_mask)), dim=-1)
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
+                **kwargs) -> DualEncoderOutput:
+        """Pairs (image i, caption i). `labels` (B,) are image indices: rows sharing one are all positives,
+        so several captions of one image in a batch are not pushed apart."""
+        image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
+        text_embeds = self.encode_texts(input_ids, attention_mask) if input_ids is not None else None
+        loss = logits = None
+        if image_embeds is not None and text_embeds is not None:
+            logits = self.logit_scale.clamp(max=4.6052).exp() * text_embeds @ image_embeds.T
+            if labels is None:
+                labels = torch.arange(logits.shape[0], device=logits.device)
+            positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
+            targets = positives / positives.sum(1, keepdim=True)
+            loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        return DualEncoderOutput(loss=loss, logits_per_text=logits, text_embeds=text_embeds,
+                                 image_embeds=image_embeds)
+
+
+def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:
+    return ViTT5DSIDualEncoderModel if variant == "dual_encoder" else ViTT5DSIForConditionalGeneration
+
+
+def load_dsi_model(name_or_path: str, **kwargs) -> ViTT5DSIPreTrainedModel:
+    """Load a checkpoint of any variant with the class its config names."""
+    config = ViTT5DSIConfig.from_pretrained(name_or_path)
+    return model_class_for_variant(config.variant).from_pretrained(name_or_path, **kwargs)
+
+
+ViTT5DSIConfig.register_for_auto_class()
+ViTT5DSIForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+ViTT5DSIDualEncoderModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "ViTT5DSIPreTrainedModel",
+    "ViTT5DSIForConditionalGeneration",
+    "ViTT5DSIDualEncoderModel",
+    "model_class_for_variant",
+    "load_dsi_model",
+]
