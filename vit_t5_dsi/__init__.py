@@ -1,0 +1,22 @@
+"""vit-t5-dsi: generative text-to-image retrieval (a Differentiable Search Index over images)."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from .configuration_vit_t5_dsi import ViTT5DSIConfig
+from .image_index import ImageIndex
+from .modeling_vit_t5_dsi import (
+    ViTT5DSIDualEncoderModel,
+    ViTT5DSIForConditionalGeneration,
+    ViTT5DSIPreTrainedModel,
+    load_dsi_model,
+    model_class_for_variant,
+)
+
+# In-process Auto registration (checkpoints also carry `auto_map` for `trust_remote_code=True` elsewhere).
+AutoConfig.register(ViTT5DSIConfig.model_type, ViTT5DSIConfig, exist_ok=True)
+AutoModelForSeq2SeqLM.register(ViTT5DSIConfig, ViTT5DSIForConditionalGeneration, exist_ok=True)
+AutoModel.register(ViTT5DSIConfig, ViTT5DSIDualEncoderModel, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
+           "ViTT5DSIPreTrainedModel", "ImageIndex", "load_dsi_model", "model_class_for_variant"]

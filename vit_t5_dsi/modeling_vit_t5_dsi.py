@@ -340,11 +340,16 @@ class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
             logits = self.logit_scale.clamp(max=4.6052).exp() * text_embeds @ image_embeds.T
             if labels is None:
                 labels = torch.arange(logits.shape[0], device=logits.device)
-            positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
-            targets = positives / positives.sum(1, keepdim=True)
-            loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            positives = labels[:, None] == labels[None, :]
+            loss = (multi_positive_nce(logits, positives) + multi_positive_nce(logits.T, positives.T)) / 2
         return DualEncoderOutput(loss=loss, logits_per_text=logits, text_embeds=text_embeds,
                                  image_embeds=image_embeds)
+
+
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """InfoNCE where a row may have several positive columns: -log of the probability mass on them."""
+    positive_logits = logits.masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
 
 
 def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:

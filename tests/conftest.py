@@ -1,0 +1,47 @@
+"""Offline, tiny, deterministic fixtures shared by the tests."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["HF_DATASETS_CACHE"] = str(home / "datasets")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+CAPTIONS = [
+    "a large red circle in the top left",
+    "a small blue square at the bottom right",
+    "two green triangles and a yellow star",
+    "there is a purple cross in the center of the picture",
+    "an orange circle next to a white square",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer
+
+    return train_caption_tokenizer(CAPTIONS * 4, vocab_size=160)
+
+
+def tiny_config(variant="cross_attention", vocab_size=160, **kwargs):
+    from vit_t5_dsi.configuration_vit_t5_dsi import ViTT5DSIConfig
+
+    return ViTT5DSIConfig.from_preset("tiny", variant=variant, vocab_size=vocab_size, **kwargs)

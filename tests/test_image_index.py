@@ -1,0 +1,243 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import tiny_config
+from vit_t5_dsi import ViTT5DSIForConditionalGeneration
+from vit_t5_dsi.id_trie import IdTrie
+from vit_t5_dsi.image_index import ImageIndex
+from vit_t5_dsi.metrics import (compute_metrics_for_generation, gold_ranks, hits_at_k, mrr_at_k,
+                                ranking_metrics)
+from vit_t5_dsi.ranking import rank_by_generation, rank_by_similarity
+from vit_t5_dsi.semantic_ids import hierarchical_kmeans_ids
+
+KEYS = [f"image_{i:03d}.png" for i in range(40)]
+
+
+class AddBias(LogitsProcessor):
+    """Pushes chosen tokens up at every step, or a target sequence step by step (a 'biased model')."""
+
+    def __init__(self, tokens=None, sequence=None, amount=50.0):
+        self.tokens, self.sequence, self.amount = tokens, sequence, amount
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        if self.tokens is not None:
+            scores[:, self.tokens] += self.amount
+        if self.sequence is not None:
+            step = input_ids.shape[1] - 1
+            if step < len(self.sequence):
+                scores[:, self.sequence[step]] += self.amount
+        return scores
+
+
+def semantic_embeddings(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, 8)) * 10
+    return centres[np.arange(n) % 4] + rng.normal(size=(n, 8)) * 0.1
+
+
+def build(tokenizer, scheme):
+    kwargs = dict(embeddings=semantic_embeddings(), num_clusters=4, max_leaf_size=6) if scheme == "semantic" else {}
+    return ImageIndex.build(KEYS, tokenizer, scheme, **kwargs)
+
+
+@pytest.fixture
+def fresh_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)  # atomic ids add tokens: keep the session tokenizer clean
+
+
+# ----- the trie --------------------------------------------------------------------------------------
+
+def test_trie_handles_ids_that_are_prefixes_of_others():
+    trie = IdTrie([[5], [5, 6], [7, 8, 9]], eos_token_id=1, pad_token_id=0)
+    assert sorted(trie.children([])) == [5, 7]
+    assert sorted(trie.children([5])) == [1, 6]
+    assert trie.children([5, 6]) == [1]
+    assert sorted(trie.children([5, 6, 1])) == [0, 1]  # finished: pad/eos only, never an empty list
+    assert sorted(trie.children([3])) == [0, 1]  # off the trie: pad/eos only
+
+
+# ----- constrained generation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic"])
+def test_only_valid_distinct_ids_even_when_model_prefers_invalid_tokens(fresh_tokenizer, scheme):
+    index = build(fresh_tokenizer, scheme)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer))).eval()
+    index.resize_model_embeddings(model)
+    used = {t for ids in index.token_ids for t in ids}
+    invalid = [t for t in range(3, model.get_input_embeddings().num_embeddings) if t not in used][:5]
+    k = 8
+    out = model.generate(pixel_values=torch.randn(3, 3, 32, 32), num_beams=k, num_return_sequences=k,
+                         max_new_tokens=index.max_id_length,
+                         logits_processor=LogitsProcessorList([AddBias(tokens=invalid), index.logits_processor()]))
+    positions = index.decode(out).reshape(3, k)
+    assert (positions >= 0).all(), "an invalid identifier came out"
+    for row in positions:
+        assert len(set(row.tolist())) == k, "the same image came out twice for one query"
+
+
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic"])
+def test_a_model_biased_toward_an_id_ranks_it_first(fresh_tokenizer, scheme):
+    index = build(fresh_tokenizer, scheme)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer))).eval()
+    index.resize_model_embeddings(model)
+    target = KEYS[17]
+    ranking = rank_by_generation(model, index, k=5, pixel_values=torch.randn(2, 3, 32, 32),
+                                 logits_processor=[AddBias(sequence=index.labels_for(target), amount=30.0)])
+    assert [hits[0][0] for hits in ranking.keys(index)] == [target, target]
+    assert (np.diff(ranking.scores, axis=1) <= 1e-6).all(), "scores are not best-first"
+
+
+def test_prefix_allowed_tokens_fn_matches_processor(tokenizer):
+    index = build(tokenizer, "naive")
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(tokenizer))).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    kwargs = dict(num_beams=4, num_return_sequences=4, max_new_tokens=index.max_id_length)
+    a = model.generate(pixel_values=pixel_values, prefix_allowed_tokens_fn=index.prefix_allowed_tokens_fn(),
+                       **kwargs)
+    b = model.generate(pixel_values=pixel_values, logits_processor=LogitsProcessorList([index.logits_processor()]),
+                       **kwargs)
+    assert (index.decode(a) >= 0).all()
+    np.testing.assert_array_equal(index.decode(a), index.decode(b))
+
+
+def test_more_beams_than_images_yields_only_distinct_valid_ids(tokenizer):
+    index = ImageIndex.build(KEYS[:3], tokenizer, "naive")
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(tokenizer))).eval()
+    ranking = rank_by_generation(model, index, k=6, pixel_values=torch.randn(2, 3, 32, 32))
+    for row in ranking.positions:
+        valid = row[row >= 0].tolist()
+        assert len(valid) == len(set(valid)) == 3
+
+
+def test_rank_by_similarity():
+    texts = torch.eye(3)
+    images = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1], [0.5, 0.5, 0]])
+    ranking = rank_by_similarity(texts, images, k=2)
+    assert ranking.positions[:, 0].tolist() == [1, 0, 2]
+
+
+# ----- schemes ---------------------------------------------------------------------------------------
+
+def test_semantic_ids_unique_deterministic_and_clustered():
+    embeddings = semantic_embeddings()
+    ids = hierarchical_kmeans_ids(embeddings, num_clusters=4, max_leaf_size=6, seed=3)
+    assert len(set(ids)) == len(ids)
+    assert ids == hierarchical_kmeans_ids(embeddings, num_clusters=4, max_leaf_size=6, seed=3)
+    first_field = [i.split()[0] for i in ids]
+    for group in range(4):  # rows i, i+4, ... come from one centre: one shared top-level prefix
+        assert len({first_field[i] for i in range(group, 40, 4)}) == 1
+    assert len(set(first_field)) == 4
+
+
+def test_semantic_ids_terminate_on_identical_embeddings():
+    ids = hierarchical_kmeans_ids(np.zeros((50, 4)), num_clusters=3, max_leaf_size=4)
+    assert len(set(ids)) == 50
+
+
+def test_semantic_scheme_needs_embeddings(tokenizer):
+    with pytest.raises(ValueError, match="embeddings"):
+        ImageIndex.build(KEYS, tokenizer, "semantic")
+    with pytest.raises(ValueError, match="docid_scheme"):
+        ImageIndex.build(KEYS, tokenizer, "random")
+
+
+def test_atomic_scheme_adds_tokens_and_resizes_embeddings(fresh_tokenizer):
+    before = len(fresh_tokenizer)
+    index = build(fresh_tokenizer, "atomic")
+    assert len(fresh_tokenizer) == before + len(KEYS)
+    assert all(len(t) == 1 for t in index.token_ids)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=before))
+    index.resize_model_embeddings(model)
+    assert model.get_input_embeddings().num_embeddings >= before + len(KEYS)
+    assert model.language_model.lm_head.weight.shape[0] == model.get_input_embeddings().num_embeddings
+
+
+def test_duplicate_keys_rejected(tokenizer):
+    with pytest.raises(ValueError, match="Duplicate image key 'a'"):
+        ImageIndex.build(["a", "b", "a"], tokenizer, "naive")
+
+
+# ----- persistence -----------------------------------------------------------------------------------
+
+def test_index_save_load_round_trip_is_atomic(tmp_path, tokenizer):
+    index = build(tokenizer, "semantic")
+    index.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["image_index.json"]  # no temp file left behind
+    loaded = ImageIndex.load(tmp_path)
+    assert (loaded.keys, loaded.id_strings, loaded.token_ids) == (index.keys, index.id_strings, index.token_ids)
+    loaded.check_tokenizer(tokenizer)
+
+
+def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
+    index = build(tokenizer, "naive")
+    index.save(tmp_path)
+    original = (tmp_path / "image_index.json").read_text()
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        index.save(tmp_path)
+    assert (tmp_path / "image_index.json").read_text() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["image_index.json"]
+
+
+def test_index_with_tokens_the_tokenizer_lacks_fails_clearly(tmp_path, fresh_tokenizer, tokenizer):
+    index = build(fresh_tokenizer, "atomic")
+    with pytest.raises(ValueError, match="lacks 40 identifier tokens"):
+        index.check_tokenizer(tokenizer)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(tokenizer)))
+    model.image_index = index
+    model.save_pretrained(tmp_path)  # weights were never resized: index and weights disagree
+    with pytest.raises(ValueError, match="do not belong together"):
+        ViTT5DSIForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_index_file_missing_fields_named(tmp_path):
+    (tmp_path / "image_index.json").write_text(json.dumps({"keys": ["a"]}))
+    with pytest.raises(ValueError, match="missing the field"):
+        ImageIndex.load(tmp_path)
+
+
+# ----- metrics ---------------------------------------------------------------------------------------
+
+def test_metrics_hand_computed():
+    ranked = np.array([[3, 1, 2], [0, 0, 5], [-1, 4, 4], [7, 8, 9]])
+    gold = [1, 5, 4, 6]
+    assert gold_ranks(ranked, gold).tolist() == [2, 3, 2, 0]
+    assert hits_at_k(ranked, gold, 1) == 0.0
+    assert hits_at_k(ranked, gold, 2) == 0.5
+    assert hits_at_k(ranked, gold, 3) == 0.75
+    assert mrr_at_k(ranked, gold, 3) == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 0) / 4)
+    assert mrr_at_k(ranked, gold, 2) == pytest.approx((1 / 2 + 0 + 1 / 2 + 0) / 4)
+    assert ranking_metrics(np.array([[5, 6]]), [5], ks=(1,), mrr_k=2) == {"hits@1": 1.0, "mrr@2": 1.0}
+
+
+def test_compute_metrics_for_generation_counts_every_query(tokenizer):
+    index = ImageIndex.build(KEYS[:12], tokenizer, "naive")
+    eos = index.eos_token_id
+
+    def row(key):  # start token, id, eos, padding to 5
+        tokens = [0] + index.labels_for(key)
+        return tokens + [0] * (5 - len(tokens))
+
+    garbage = [0, 99, 98, 0, 0]
+    predictions = np.array([
+        row(KEYS[1]), row(KEYS[0]),        # query 0 (gold 0): rank 2
+        row(KEYS[3]), row(KEYS[3]),        # query 1 (gold 2): duplicate, gold absent -> miss
+        garbage, row(KEYS[11]),            # query 2 (gold 11): invalid then gold: rank 2
+    ])
+    labels = np.array([index.labels_for(KEYS[0]) + [-100] * 2, index.labels_for(KEYS[2]) + [-100] * 2,
+                       index.labels_for(KEYS[11]) + [-100]])
+    from transformers import EvalPrediction
+
+    metrics = compute_metrics_for_generation(index, num_return_sequences=2, ks=(1, 2))(
+        EvalPrediction(predictions=predictions, label_ids=labels))
+    assert metrics["hits@1"] == 0.0
+    assert metrics["hits@2"] == pytest.approx(2 / 3)
+    assert metrics["mrr@10"] == pytest.approx((0.5 + 0 + 0.5) / 3)
+    assert eos == 1

@@ -1,0 +1,75 @@
+"""Hits@k and MRR@k over ranked image positions, and `compute_metrics` builders for Seq2SeqTrainer.
+
+Every query counts in the denominator: an invalid, missing or duplicated output is a miss, never a skipped
+query. A duplicate occupies its slot; the gold image's rank is its first occurrence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .image_index import ImageIndex
+
+
+def gold_ranks(ranked: np.ndarray, gold: Sequence[int]) -> np.ndarray:
+    """1-based rank of each query's gold position in its ranked list; 0 where it is absent."""
+    ranked, gold = np.asarray(ranked), np.asarray(gold)
+    if ranked.ndim != 2 or len(ranked) != len(gold):
+        raise ValueError(f"ranked must be (num_queries, k) for {len(gold)} queries, got shape {ranked.shape}.")
+    matches = (ranked == gold[:, None]) & (gold[:, None] >= 0)
+    return np.where(matches.any(1), matches.argmax(1) + 1, 0)
+
+
+def hits_at_k(ranked: np.ndarray, gold: Sequence[int], k: int) -> float:
+    ranks = gold_ranks(ranked, gold)
+    return float(((ranks > 0) & (ranks <= k)).mean()) if len(ranks) else 0.0
+
+
+def mrr_at_k(ranked: np.ndarray, gold: Sequence[int], k: int) -> float:
+    ranks = gold_ranks(ranked, gold)
+    reciprocal = np.where((ranks > 0) & (ranks <= k), 1.0 / np.maximum(ranks, 1), 0.0)
+    return float(reciprocal.mean()) if len(ranks) else 0.0
+
+
+def ranking_metrics(ranked: np.ndarray, gold: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+                    mrr_k: int = 10) -> dict[str, float]:
+    metrics = {f"hits@{k}": hits_at_k(ranked, gold, k) for k in ks}
+    metrics[f"mrr@{mrr_k}"] = mrr_at_k(ranked, gold, mrr_k)
+    return metrics
+
+
+def compute_ranking_metrics(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10):
+    """For our trainer: predictions are (N, k) ranked positions, label_ids the (N,) gold positions."""
+
+    def compute(eval_prediction) -> dict[str, float]:
+        return ranking_metrics(eval_prediction.predictions, np.asarray(eval_prediction.label_ids).reshape(-1),
+                               ks, mrr_k)
+
+    return compute
+
+
+def compute_metrics_for_generation(index: ImageIndex, num_return_sequences: int, ks: Sequence[int] = (1, 5, 10),
+                                   mrr_k: int = 10):
+    """For a plain Seq2SeqTrainer with `predict_with_generate`: predictions are generated token rows shaped
+    (N * k, L) or (N, k, L) (start token first), label_ids the (N, L) identifier labels (-100 padded)."""
+
+    def compute(eval_prediction) -> dict[str, float]:
+        labels = np.asarray(eval_prediction.label_ids)
+        predictions = np.asarray(eval_prediction.predictions)
+        num_queries = len(labels)
+        rows = predictions.reshape(-1, predictions.shape[-1])
+        if len(rows) != num_queries * num_return_sequences:
+            raise ValueError(f"{len(rows)} generated rows for {num_queries} queries x {num_return_sequences} "
+                             "returned sequences.")
+        candidates = index.decode(rows).reshape(num_queries, num_return_sequences)
+        gold = [index.position_of_label(row) for row in labels.tolist()]
+        # duplicates are kept in place here: they occupy their slot and can never be a second hit
+        return ranking_metrics(candidates, gold, ks, mrr_k)
+
+    return compute
+
+
+__all__ = ["gold_ranks", "hits_at_k", "mrr_at_k", "ranking_metrics", "compute_ranking_metrics",
+           "compute_metrics_for_generation"]

@@ -1,0 +1,67 @@
+"""Rank the indexed images for a batch of queries: constrained beam search, or dot products (dual encoder)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList
+
+from .image_index import ImageIndex
+
+
+@dataclass
+class Ranking:
+    """Per query, up to k distinct index positions (-1 pads a short list) and their scores (best first)."""
+
+    positions: np.ndarray  # (num_queries, k) int64
+    scores: np.ndarray  # (num_queries, k) float32
+
+    def keys(self, index: ImageIndex) -> list[list[tuple[str, float]]]:
+        return [[(index.keys[p], float(s)) for p, s in zip(row, row_scores) if p >= 0]
+                for row, row_scores in zip(self.positions, self.scores)]
+
+
+def distinct_topk(candidates: np.ndarray, scores: np.ndarray, k: int) -> Ranking:
+    """First k slots of each query's candidates, with invalid (-1) and repeated positions blanked to -1 in place:
+    nothing moves up to fill a hole, so metrics see exactly what the search produced."""
+    positions = np.full((len(candidates), k), -1, dtype=np.int64)
+    kept_scores = np.full((len(candidates), k), -np.inf, dtype=np.float32)
+    for row, (cands, cand_scores) in enumerate(zip(candidates, scores)):
+        seen = set()
+        for slot, (position, score) in enumerate(zip(cands[:k].tolist(), cand_scores[:k].tolist())):
+            if position >= 0 and position not in seen:
+                seen.add(position)
+                positions[row, slot], kept_scores[row, slot] = position, score
+    return Ranking(positions, kept_scores)
+
+
+@torch.no_grad()
+def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None, input_ids=None,
+                       attention_mask=None, **generate_kwargs) -> Ranking:
+    """Constrained beam search with num_beams = num_return_sequences = k; only existing, distinct images come
+    back. Scores are sequence log-probabilities (length_penalty 0 compares ids of different lengths fairly)."""
+    batch = (pixel_values if pixel_values is not None else input_ids).shape[0]
+    kwargs = dict(num_beams=k, num_return_sequences=k, max_new_tokens=index.max_id_length, do_sample=False,
+                  early_stopping=True, length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    # the constraint runs last, so no earlier processor can re-admit a token it masked
+    processors = LogitsProcessorList(list(generate_kwargs.pop("logits_processor", None) or []))
+    processors.append(index.logits_processor())
+    kwargs.update(generate_kwargs)
+    out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                         logits_processor=processors, **kwargs)
+    candidates = index.decode(out.sequences).reshape(batch, -1)
+    scores = out.sequences_scores.float().cpu().numpy().reshape(batch, -1)
+    return distinct_topk(candidates, scores, k)
+
+
+@torch.no_grad()
+def rank_by_similarity(text_embeds: torch.Tensor, image_embeds: torch.Tensor, k: int = 10) -> Ranking:
+    """Dual-encoder retrieval: top-k images by dot product over every indexed image."""
+    similarity = text_embeds.float() @ image_embeds.float().T
+    scores, positions = similarity.topk(min(k, similarity.shape[1]), dim=1)
+    return distinct_topk(positions.cpu().numpy(), scores.cpu().numpy(), k)
+
+
+__all__ = ["Ranking", "distinct_topk", "rank_by_generation", "rank_by_similarity"]
