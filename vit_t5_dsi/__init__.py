@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_vit_t5_dsi import ViTT5DSIConfig
 from .image_index import ImageIndex
+from .retriever import DSIRetriever
 from .modeling_vit_t5_dsi import (
     ViTT5DSIDualEncoderModel,
     ViTT5DSIForConditionalGeneration,
@@ -19,4 +20,4 @@ AutoModel.register(ViTT5DSIConfig, ViTT5DSIDualEncoderModel, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
-           "ViTT5DSIPreTrainedModel", "ImageIndex", "load_dsi_model", "model_class_for_variant"]
+           "ViTT5DSIPreTrainedModel", "ImageIndex", "DSIRetriever", "load_dsi_model", "model_class_for_variant"]

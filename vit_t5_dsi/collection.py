@@ -1,0 +1,236 @@
+"""Load an image-caption collection from the layouts users already have on disk, and check it before training.
+
+Three layouts, one result (`ImageCollection`): the Karpathy split file (Flickr30K, MS-COCO) plus an image
+directory; the Hub parquet layout of Flickr30K (local directory or dataset name); the original prototype's JSONL.
+Every problem is reported with the file and the item at fault, before any training starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import datasets
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .image_processing import open_image
+
+logger = logging.getLogger(__name__)
+
+KNOWN_SPLITS = ("train", "val", "test", "restval")
+
+
+class CollectionError(ValueError):
+    """Bad input in a collection; the message names the file and the item."""
+
+
+@dataclass
+class ImageCollection:
+    """`images`: image_key, image (path or {"bytes", "path"}), split. `captions`: image_key, caption."""
+
+    images: datasets.Dataset
+    captions: datasets.Dataset
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollection:
+    seen = {}
+    for i, key in enumerate(keys):
+        if key in seen:
+            raise CollectionError(f"{source}: duplicate image key {key!r} (items #{seen[key]} and #{i}).")
+        seen[key] = i
+    for i, caption in enumerate(captions):
+        if caption_keys[i] not in seen:
+            raise CollectionError(f"{source}: caption #{i} refers to unknown image {caption_keys[i]!r}.")
+    image_ds = datasets.Dataset.from_dict({"image_key": keys, "image": images, "split": splits})
+    caption_ds = datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions})
+    return ImageCollection(image_ds, caption_ds, source)
+
+
+def _check_split(source, item, split):
+    if split not in KNOWN_SPLITS:
+        raise CollectionError(f"{source}: {item} has unknown split {split!r} (expected one of "
+                              f"{', '.join(KNOWN_SPLITS)}).")
+
+
+def _check_caption(source, item, number, caption):
+    if not isinstance(caption, str) or not caption.strip():
+        raise CollectionError(f"{source}: {item} caption #{number} is empty.")
+
+
+def load_karpathy(json_path: str, image_dir: str, require_captions: bool = True) -> ImageCollection:
+    """`dataset_flickr30k.json` / `dataset_coco.json`: images[] with filename, split, sentences[].raw."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as err:
+        raise CollectionError(f"--karpathy_json {json_path}: no such file.") from err
+    except json.JSONDecodeError as err:
+        raise CollectionError(f"--karpathy_json {json_path}: not valid JSON ({err}).") from err
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CollectionError(f"{json_path}: no 'images' list; is this a Karpathy split file "
+                              "(dataset_flickr30k.json / dataset_coco.json)?")
+    keys, images, splits, caption_keys, captions = [], [], [], [], []
+    for i, entry in enumerate(data["images"]):
+        filename = entry.get("filename") if isinstance(entry, dict) else None
+        if not filename:
+            raise CollectionError(f"{json_path}: images[{i}] has no 'filename'.")
+        item = f"image {filename!r} (images[{i}])"
+        split = entry.get("split", "train")
+        _check_split(json_path, item, split)
+        key = os.path.join(entry["filepath"], filename) if entry.get("filepath") else filename
+        sentences = entry.get("sentences") or []
+        if require_captions and not sentences:
+            raise CollectionError(f"{json_path}: {item} has no captions (sentences is empty).")
+        for j, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else sentence
+            _check_caption(json_path, item, j, raw)
+            caption_keys.append(key)
+            captions.append(raw.strip())
+        keys.append(key)
+        images.append(os.path.join(image_dir, key))
+        splits.append(split)
+    return _build(keys, images, splits, caption_keys, captions, json_path)
+
+
+def load_hub_parquet(path_or_name: str, require_captions: bool = True) -> ImageCollection:
+    """Flickr30K's Hub layout: columns image, caption (list), split, filename (and img_id)."""
+    if os.path.isdir(path_or_name):
+        files = sorted(glob.glob(os.path.join(path_or_name, "**", "*.parquet"), recursive=True))
+        if not files:
+            raise CollectionError(f"--dataset_name {path_or_name}: no .parquet files in this directory.")
+        table = datasets.load_dataset("parquet", data_files=files, split="train")
+    else:
+        loaded = datasets.load_dataset(path_or_name)
+        table = datasets.concatenate_datasets(list(loaded.values())) if isinstance(loaded, dict) else loaded
+    missing = {"image", "caption"} - set(table.column_names)
+    if missing:
+        raise CollectionError(f"{path_or_name}: parquet layout lacks column(s) {sorted(missing)}; expected image, "
+                              "caption, split, filename.")
+    table = table.cast_column("image", datasets.Image(decode=False))
+    filenames = table["filename"] if "filename" in table.column_names else [str(i) for i in table["img_id"]]
+    split_column = table["split"] if "split" in table.column_names else ["train"] * len(table)
+    caption_keys, captions = [], []
+    for i, (key, split, caption_list) in enumerate(zip(filenames, split_column, table["caption"])):
+        item = f"row {i} ({key!r})"
+        _check_split(path_or_name, item, split)
+        caption_list = [caption_list] if isinstance(caption_list, str) else list(caption_list or [])
+        if require_captions and not caption_list:
+            raise CollectionError(f"{path_or_name}: {item} has no captions.")
+        for j, caption in enumerate(caption_list):
+            _check_caption(path_or_name, item, j, caption)
+            caption_keys.append(key)
+            captions.append(caption.strip())
+    collection = _build(list(filenames), [None] * len(table), list(split_column), caption_keys, captions,
+                        path_or_name)
+    images = collection.images.remove_columns("image").add_column("image", table["image"])
+    return ImageCollection(images.cast_column("image", datasets.Image(decode=False)), collection.captions,
+                           path_or_name)
+
+
+def _read_jsonl(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise CollectionError(f"{path}:{number}: not valid JSON ({err}).") from err
+    except FileNotFoundError as err:
+        raise CollectionError(f"{path}: no such file.") from err
+
+
+def load_jsonl(train_file: str, validation_file: str | None = None, image_dir: str | None = None) -> ImageCollection:
+    """The prototype's layout: {"image_id", "image"} rows to index, {"image_id", "caption"} rows to query.
+
+    Captions in `validation_file` are evaluation queries: their images (indexed in either file) are held out
+    from retrieval training, unless training captions exist for them too.
+    """
+    images, train_captions, eval_captions = {}, [], []
+    for path, caption_list in ((train_file, train_captions), (validation_file, eval_captions)):
+        if path is None:
+            continue
+        base = image_dir or os.path.dirname(os.path.abspath(path))
+        for number, row in _read_jsonl(path):
+            if not isinstance(row, dict) or "image_id" not in row:
+                raise CollectionError(f"{path}:{number}: row has no 'image_id'.")
+            key = str(row["image_id"])
+            if "image" not in row and "caption" not in row:
+                raise CollectionError(f"{path}:{number}: row for image {key!r} has neither 'image' nor 'caption'.")
+            if "image" in row:
+                if key in images:
+                    raise CollectionError(f"{path}:{number}: duplicate image key {key!r}.")
+                images[key] = os.path.join(base, row["image"])
+            if "caption" in row:
+                _check_caption(f"{path}:{number}", f"image {key!r}", 0, row["caption"])
+                caption_list.append((key, row["caption"].strip(), f"{path}:{number}"))
+    for key, _, where in train_captions + eval_captions:
+        if key not in images:
+            raise CollectionError(f"{where}: caption refers to image {key!r}, which no row indexes.")
+    trained = {key for key, _, _ in train_captions}
+    evaluated = {key for key, _, _ in eval_captions}
+    keys = list(images)
+    splits = ["test" if key in evaluated and key not in trained else "train" for key in keys]
+    all_captions = train_captions + eval_captions
+    return _build(keys, [images[k] for k in keys], splits, [k for k, _, _ in all_captions],
+                  [c for _, c, _ in all_captions], train_file)
+
+
+def _image_problem(value) -> str | None:
+    """None if the image decodes completely, else what is wrong (JPEGs decode at reduced size: fast)."""
+    try:
+        with open_image(value) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+        return None
+    except FileNotFoundError:
+        return "missing image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"unreadable or truncated image ({err})"
+
+
+def check_images(collection: ImageCollection, skip_bad_images: bool = False, num_workers: int = 4,
+                 progress: bool = True) -> ImageCollection:
+    """Open every image once before training. A bad one stops the run with its key and path, or, with
+    `skip_bad_images`, is dropped together with its captions, and each dropped key is logged."""
+    values = collection.images["image"]
+    with ThreadPoolExecutor(num_workers) as pool:
+        problems = list(tqdm(pool.map(_image_problem, values), total=len(values), desc="Checking images",
+                             disable=not progress, mininterval=1.0))
+    bad = [(i, p) for i, p in enumerate(problems) if p is not None]
+    if not bad:
+        return collection
+    keys = collection.images["image_key"]
+
+    def where(i):
+        value = values[i]
+        path = value.get("path") if isinstance(value, dict) else value
+        return f"image {keys[i]!r} ({path or 'embedded bytes'}) in {collection.source}"
+
+    if not skip_bad_images:
+        first, problem = bad[0]
+        raise CollectionError(f"{problem}: {where(first)}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                              + ". Fix it, or pass --skip_bad_images to leave such images out.")
+    bad_keys = {keys[i] for i, _ in bad}
+    for i, problem in bad:
+        logger.warning("Skipping %s: %s", where(i), problem)
+    dropped_captions = sum(1 for k in collection.captions["image_key"] if k in bad_keys)
+    logger.warning("--skip_bad_images: left out %d of %d images (%s) and their %d captions.", len(bad),
+                   len(values), ", ".join(sorted(bad_keys)[:20]) + (" ..." if len(bad) > 20 else ""),
+                   dropped_captions)
+    keep = [i for i in range(len(values)) if problems[i] is None]
+    captions = collection.captions.filter(lambda k: k not in bad_keys, input_columns="image_key")
+    return ImageCollection(collection.images.select(keep), captions, collection.source)
+
+
+__all__ = ["ImageCollection", "CollectionError", "KNOWN_SPLITS", "load_karpathy", "load_hub_parquet", "load_jsonl",
+           "check_images"]

@@ -1,0 +1,93 @@
+"""Seq2SeqTrainer for generative image retrieval: every evaluation ranks with the trie-constrained beam search.
+
+Hooks only (no hand-written loop): `evaluate` runs each query set under its own metric prefix (`eval_`, `seen_`,
+`index_`), `prediction_step` returns each query's ranked index positions and its gold position, so Trainer's
+`gather_for_metrics` drops the padding duplicates of distributed evaluation and each query counts exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Seq2SeqTrainer
+
+from .dsi_data import DSICollator
+from .metrics import compute_ranking_metrics
+from .ranking import rank_by_generation, rank_by_similarity
+
+
+class DSITrainer(Seq2SeqTrainer):
+    def __init__(self, *args, eval_sets: dict | None = None, retrieval_k: int = 10, model_card_fn=None, **kwargs):
+        kwargs.setdefault("compute_metrics", compute_ranking_metrics(mrr_k=10))
+        super().__init__(*args, **kwargs)
+        self.eval_sets = eval_sets or {}
+        self.retrieval_k = retrieval_k
+        self.model_card_fn = model_card_fn
+        self._image_embeddings = None
+        collator: DSICollator = self.data_collator
+        self.image_index = collator.index
+        # Evaluations during training run generation too: the search settings live on the model itself.
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.num_beams = retrieval_k
+            generation_config.num_return_sequences = retrieval_k
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        return self.model.config.variant == "dual_encoder"
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """With no dataset: every query set of the protocol, each under its prefix, in one metrics dict."""
+        if self.is_dual_encoder:
+            self._image_embeddings = self._embed_index()
+        try:
+            if eval_dataset is not None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+            metrics = {}
+            for prefix, dataset in self.eval_sets.items():
+                metrics.update(super().evaluate(dataset, ignore_keys, prefix, **gen_kwargs))
+            return metrics
+        finally:
+            self._image_embeddings = None
+
+    @torch.no_grad()
+    def _embed_index(self) -> torch.Tensor:
+        """Embeddings of every indexed image (dual encoder), in index order."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        collator: DSICollator = self.data_collator
+        keys = collator.index.keys
+        batch_size = self.args.per_device_eval_batch_size
+        embeddings = []
+        for start in range(0, len(keys), batch_size):
+            pixels = collator.preprocessor([collator.images.load(k) for k in keys[start:start + batch_size]])
+            embeddings.append(model.encode_images(pixels.to(self.args.device)))
+        return torch.cat(embeddings)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = self._prepare_inputs(inputs)
+        gold = inputs.pop("gold_index")
+        model = self.accelerator.unwrap_model(model)
+        if self.is_dual_encoder:
+            if "pixel_values" in inputs:
+                queries = model.encode_images(inputs["pixel_values"])
+            else:
+                queries = model.encode_texts(inputs["input_ids"], inputs.get("attention_mask"))
+            ranking = rank_by_similarity(queries, self._image_embeddings, self.retrieval_k)
+        else:
+            ranking = rank_by_generation(model, self.image_index, self.retrieval_k, **inputs)
+        positions = torch.as_tensor(ranking.positions, device=gold.device)
+        return None, positions, gold
+
+    def create_model_card(self, *args, **kwargs):
+        """Our card (variant, identifiers, data, metrics, how to load and retrieve), not Trainer's generic one."""
+        if self.model_card_fn is not None and self.is_world_process_zero():
+            text = self.model_card_fn()
+            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(text)
+        elif self.model_card_fn is None:
+            super().create_model_card(*args, **kwargs)
+
+
+__all__ = ["DSITrainer"]

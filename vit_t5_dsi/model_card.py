@@ -1,0 +1,51 @@
+"""Fill the model-card template with what a trained checkpoint is and what it measured."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+VARIANT_DESCRIPTIONS = {
+    "cross_attention": "a ViT encodes the image and a T5 decoder cross-attends to it to write the image's "
+                       "identifier (image-grounded decoder); captions go through T5's encoder to the same decoder.",
+    "codebook": "ViT patch states are snapped to T5's word embeddings (visual tokens) that T5 reads like words, "
+                "and T5 writes the image's identifier.",
+    "dual_encoder": "the dense baseline: pooled ViT and T5-encoder embeddings trained contrastively, retrieval "
+                    "by dot product over every indexed image.",
+}
+
+ROWS = (("held-out captions", "eval"), ("seen captions", "seen"), ("indexing (image -> id)", "index"))
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Markdown table of Hits@1/5/10 and MRR@10 per query set; sets that were not evaluated are left out."""
+    lines = ["| queries | Hits@1 | Hits@5 | Hits@10 | MRR@10 |", "|---|---|---|---|---|"]
+    for name, prefix in ROWS:
+        if f"{prefix}_hits@1" not in metrics:
+            continue
+        values = [metrics.get(f"{prefix}_{m}") for m in ("hits@1", "hits@5", "hits@10", "mrr@10")]
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "_No evaluation was run._"
+
+
+def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or_path: str,
+                      data_description: str, training_description: str, dataset_name: str | None = None) -> str:
+    config, index = model.config, model.image_index
+    vision = config.vision_config
+    if vision.model_type == "timm_wrapper":
+        vision_description = f"timm `{vision.architecture}`"
+    else:
+        vision_description = (f"{vision.model_type}, hidden size {getattr(vision, 'hidden_size', '?')}, "
+                              f"{getattr(vision, 'num_hidden_layers', '?')} layers, {config.image_size} px")
+    template = resources.files("vit_t5_dsi").joinpath("templates/model_card.md").read_text(encoding="utf-8")
+    return template.format(
+        model_name=model_name, variant=config.variant, variant_description=VARIANT_DESCRIPTIONS[config.variant],
+        num_images=len(index) if index is not None else "?",
+        docid_scheme=index.scheme if index is not None and config.variant != "dual_encoder" else "none (dense)",
+        max_id_length=index.max_id_length if index is not None else "?",
+        vision_description=vision_description, d_model=config.text_config.d_model,
+        text_layers=config.text_config.num_layers, data_description=data_description,
+        training_description=training_description, metrics_table=metrics_table(metrics),
+        repo_or_path=repo_or_path, dataset_tag=f"datasets:\n- {dataset_name}\n" if dataset_name else "")
+
+
+__all__ = ["render_model_card", "metrics_table"]
