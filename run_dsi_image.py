@@ -235,7 +235,7 @@ def image_embeddings_for_semantic_ids(model_args, model, keys, images: ImageSour
 
 
 def build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, seed) -> ImageIndex:
-    keys = splits.index["image_key"]
+    keys = splits.index["image_key"][:]
     for source in (resume_dir, model_args.model_name_or_path):
         if source is None:
             continue
@@ -282,7 +282,7 @@ def main(argv=None):
     resume_dir = training_args.resume_from_checkpoint
     if resume_dir is not None and not os.path.isdir(resume_dir):
         raise ValueError(f"--resume_from_checkpoint {resume_dir}: no such checkpoint directory.")
-    tokenizer = load_tokenizer(model_args, splits.train_queries["caption"], resume_dir)
+    tokenizer = load_tokenizer(model_args, splits.train_queries["caption"][:], resume_dir)
     model = build_model(model_args, tokenizer)
     if model_args.model_name_or_path is None and resume_dir is None:
         logger.info("Model: %s, %.1fM parameters", type(model).__name__, model.num_parameters() / 1e6)

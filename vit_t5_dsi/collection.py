@@ -116,10 +116,10 @@ def load_hub_parquet(path_or_name: str, require_captions: bool = True) -> ImageC
         raise CollectionError(f"{path_or_name}: parquet layout lacks column(s) {sorted(missing)}; expected image, "
                               "caption, split, filename.")
     table = table.cast_column("image", datasets.Image(decode=False))
-    filenames = table["filename"] if "filename" in table.column_names else [str(i) for i in table["img_id"]]
-    split_column = table["split"] if "split" in table.column_names else ["train"] * len(table)
+    filenames = table["filename"][:] if "filename" in table.column_names else [str(i) for i in table["img_id"][:]]
+    split_column = table["split"][:] if "split" in table.column_names else ["train"] * len(table)
     caption_keys, captions = [], []
-    for i, (key, split, caption_list) in enumerate(zip(filenames, split_column, table["caption"])):
+    for i, (key, split, caption_list) in enumerate(zip(filenames, split_column, table["caption"][:])):
         item = f"row {i} ({key!r})"
         _check_split(path_or_name, item, split)
         caption_list = [caption_list] if isinstance(caption_list, str) else list(caption_list or [])
@@ -202,14 +202,14 @@ def check_images(collection: ImageCollection, skip_bad_images: bool = False, num
                  progress: bool = True) -> ImageCollection:
     """Open every image once before training. A bad one stops the run with its key and path, or, with
     `skip_bad_images`, is dropped together with its captions, and each dropped key is logged."""
-    values = collection.images["image"]
+    values = collection.images["image"][:]
     with ThreadPoolExecutor(num_workers) as pool:
         problems = list(tqdm(pool.map(_image_problem, values), total=len(values), desc="Checking images",
                              disable=not progress, mininterval=1.0))
     bad = [(i, p) for i, p in enumerate(problems) if p is not None]
     if not bad:
         return collection
-    keys = collection.images["image_key"]
+    keys = collection.images["image_key"][:]
 
     def where(i):
         value = values[i]
@@ -223,7 +223,7 @@ def check_images(collection: ImageCollection, skip_bad_images: bool = False, num
     bad_keys = {keys[i] for i, _ in bad}
     for i, problem in bad:
         logger.warning("Skipping %s: %s", where(i), problem)
-    dropped_captions = sum(1 for k in collection.captions["image_key"] if k in bad_keys)
+    dropped_captions = sum(1 for k in collection.captions["image_key"][:] if k in bad_keys)
     logger.warning("--skip_bad_images: left out %d of %d images (%s) and their %d captions.", len(bad),
                    len(values), ", ".join(sorted(bad_keys)[:20]) + (" ..." if len(bad) > 20 else ""),
                    dropped_captions)

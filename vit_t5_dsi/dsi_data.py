@@ -21,7 +21,7 @@ class ImageSource:
 
     def __init__(self, index_dataset: datasets.Dataset):
         self.dataset = index_dataset
-        self.position = {key: i for i, key in enumerate(index_dataset["image_key"])}
+        self.position = {key: i for i, key in enumerate(index_dataset["image_key"][:])}
 
     def load(self, key: str):
         return load_rgb(self.dataset[self.position[key]]["image"])
@@ -36,10 +36,10 @@ def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | Non
                     seed: int = 42) -> datasets.Dataset:
     """Generative variants: indexing and retrieval rows co-trained, `indexing_ratio` of them indexing (None:
     every image once and every caption once per epoch). The dual encoder: (image, caption) pairs."""
-    retrieval = _rows(splits.train_queries["image_key"], splits.train_queries["caption"], RETRIEVAL, False)
+    retrieval = _rows(splits.train_queries["image_key"][:], splits.train_queries["caption"][:], RETRIEVAL, False)
     if variant == "dual_encoder":
         return retrieval
-    keys = splits.index["image_key"]
+    keys = splits.index["image_key"][:]
     indexing = _rows(keys, [""] * len(keys), INDEXING, False)
     if len(retrieval) == 0 or indexing_ratio == 1.0:
         return indexing
@@ -55,10 +55,10 @@ def evaluation_sets(splits: DSISplits, max_index_eval_images: int | None = None)
     """Metric prefix -> query rows: `eval` (captions of held-out images), `seen`, `index` (image -> id)."""
     sets = {}
     if len(splits.eval_queries):
-        sets["eval"] = _rows(splits.eval_queries["image_key"], splits.eval_queries["caption"], RETRIEVAL, True)
+        sets["eval"] = _rows(splits.eval_queries["image_key"][:], splits.eval_queries["caption"][:], RETRIEVAL, True)
     if len(splits.seen_queries):
-        sets["seen"] = _rows(splits.seen_queries["image_key"], splits.seen_queries["caption"], RETRIEVAL, True)
-    keys = splits.index["image_key"]
+        sets["seen"] = _rows(splits.seen_queries["image_key"][:], splits.seen_queries["caption"][:], RETRIEVAL, True)
+    keys = splits.index["image_key"][:]
     if max_index_eval_images is not None:
         keys = keys[:: max(1, len(keys) // max_index_eval_images)][:max_index_eval_images]
     sets["index"] = _rows(keys, [""] * len(keys), INDEXING, True)

@@ -43,8 +43,8 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
     """Deterministic under `seed`. Images whose split is in `heldout_splits` (Karpathy test/val) are the
     held-out candidates; without any, `num_eval_images` are drawn from the whole collection."""
     rng = np.random.default_rng(seed)
-    keys = collection.images["image_key"]
-    splits = collection.images["split"]
+    keys = collection.images["image_key"][:]
+    splits = collection.images["split"][:]
     heldout_candidates = [i for i, s in enumerate(splits) if s in heldout_splits]
     if not heldout_candidates and num_eval_images:
         heldout_candidates = list(range(len(keys)))
@@ -70,7 +70,7 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
     index = collection.images.select(selected).remove_columns("split")
 
     by_key = defaultdict(list)
-    for key, caption in zip(collection.captions["image_key"], collection.captions["caption"]):
+    for key, caption in zip(collection.captions["image_key"][:], collection.captions["caption"][:]):
         by_key[key].append(caption)
     train_pairs, seen_pairs, eval_pairs = [], [], []
     for i in train:

@@ -1,0 +1,225 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vit_t5_dsi.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
+from vit_t5_dsi.dsi_splits import build_dsi_splits
+from vit_t5_dsi.image_processing import ImagePreprocessor, load_rgb, to_rgb
+from vit_t5_dsi.synthetic_scenes import generate_scenes, sample_scenes
+
+
+def write_images(directory, names, size=16):
+    os.makedirs(directory, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (size, size), (i * 20 % 255, 100, 50)).save(os.path.join(directory, name))
+
+
+def karpathy(tmp_path, entries, images=True):
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    if images:
+        write_images(tmp_path / "images", [e["filename"] for e in entries])
+    return str(path), str(tmp_path / "images")
+
+
+def entry(name, split="train", captions=("a dog runs", "a brown dog", "dog on grass")):
+    return {"filename": name, "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+
+
+# ----- loaders ---------------------------------------------------------------------------------------
+
+def test_karpathy_loader(tmp_path):
+    path, image_dir = karpathy(tmp_path, [entry("1.jpg"), entry("2.jpg", "test"), entry("3.jpg", "val")])
+    collection = load_karpathy(path, image_dir)
+    assert collection.images["image_key"] == ["1.jpg", "2.jpg", "3.jpg"]
+    assert collection.images["split"] == ["train", "test", "val"]
+    assert len(collection.captions) == 9
+    assert load_rgb(collection.images[0]["image"]).size == (16, 16)
+
+
+def test_hub_parquet_loader(tmp_path):
+    import io
+
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    table = pa.table({
+        "image": [{"bytes": png((255, 0, 0)), "path": "a.jpg"}, {"bytes": png((0, 0, 255)), "path": "b.jpg"}],
+        "caption": [["a red square", "red"], ["a blue square"]],
+        "split": ["train", "test"], "img_id": ["0", "1"], "filename": ["a.jpg", "b.jpg"]})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "test-00000-of-00001.parquet")
+    collection = load_hub_parquet(str(tmp_path))
+    assert collection.images["image_key"] == ["a.jpg", "b.jpg"]
+    assert collection.captions["caption"] == ["a red square", "red", "a blue square"]
+    assert load_rgb(collection.images[1]["image"]).getpixel((0, 0)) == (0, 0, 255)
+    check_images(collection, progress=False)
+
+
+def test_jsonl_loader(tmp_path):
+    write_images(tmp_path, ["x.png", "y.png", "z.png"])
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in [
+        {"image_id": "x", "image": "x.png"}, {"image_id": "y", "image": "y.png"}, {"image_id": "z", "image": "z.png"},
+        {"image_id": "x", "caption": "first"}, {"image_id": "y", "caption": "second"}]))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"image_id": "z", "caption": "third"}))
+    collection = load_jsonl(str(train), str(validation))
+    assert collection.images["split"] == ["train", "train", "test"]
+    splits = build_dsi_splits(collection)
+    assert splits.eval_queries["caption"] == ["third"] and len(splits.index) == 3
+
+
+# ----- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entries, message", [
+    ([entry("1.jpg"), entry("1.jpg")], "duplicate image key '1.jpg'"),
+    ([entry("1.jpg", captions=("fine", "  "))], r"image '1.jpg' \(images\[0\]\) caption #1 is empty"),
+    ([entry("1.jpg", captions=())], r"image '1.jpg' \(images\[0\]\) has no captions"),
+    ([entry("1.jpg", split="holdout")], "unknown split 'holdout'"),
+])
+def test_karpathy_bad_input_names_item_and_file(tmp_path, entries, message):
+    path, image_dir = karpathy(tmp_path, entries)
+    with pytest.raises(CollectionError, match=message) as err:
+        load_karpathy(path, image_dir)
+    assert "dataset_flickr30k.json" in str(err.value)
+
+
+def test_karpathy_without_images_list(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(CollectionError, match="dataset_coco.json: no 'images' list"):
+        load_karpathy(str(path), str(tmp_path))
+
+
+def test_missing_and_truncated_images_stop_or_are_skipped(tmp_path, caplog):
+    path, image_dir = karpathy(tmp_path, [entry("ok.png"), entry("gone.png"), entry("cut.png", "test")])
+    os.remove(os.path.join(image_dir, "gone.png"))
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(os.path.join(image_dir, "cut.png"))
+    data = open(os.path.join(image_dir, "cut.png"), "rb").read()
+    open(os.path.join(image_dir, "cut.png"), "wb").write(data[: len(data) // 2])
+    collection = load_karpathy(path, image_dir)
+    with pytest.raises(CollectionError, match=r"missing image file: image 'gone.png' .*gone.png.*dataset_flickr30k"):
+        check_images(collection, progress=False)
+    with caplog.at_level("WARNING"):
+        kept = check_images(collection, skip_bad_images=True, progress=False)
+    assert kept.images["image_key"] == ["ok.png"]
+    assert set(kept.captions["image_key"]) == {"ok.png"}
+    assert "left out 2 of 3 images (cut.png, gone.png)" in caplog.text
+    assert "truncated" in caplog.text
+
+
+def test_jsonl_bad_rows(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps({"image_id": "q", "caption": "orphan"}))
+    with pytest.raises(CollectionError, match="train.jsonl:1: caption refers to image 'q'"):
+        load_jsonl(str(bad))
+    bad.write_text('{"image_id": "a", "image": "a.png"}\n{"oops": 1}\n')
+    with pytest.raises(CollectionError, match="train.jsonl:2: row has no 'image_id'"):
+        load_jsonl(str(bad))
+
+
+# ----- the protocol ----------------------------------------------------------------------------------
+
+def fake_collection(tmp_path, num_train, num_test, num_val, captions=5):
+    names = [f"{i}.jpg" for i in range(num_train + num_test + num_val)]
+    splits = ["train"] * num_train + ["test"] * num_test + ["val"] * num_val
+    entries = [entry(n, s, tuple(f"caption {j} of {n}" for j in range(captions))) for n, s in zip(names, splits)]
+    path, image_dir = karpathy(tmp_path, entries, images=False)
+    return load_karpathy(path, image_dir)
+
+
+def test_original_flickr30k_protocol_counts(tmp_path):
+    collection = fake_collection(tmp_path, 29000, 1000, 1014)  # Flickr30K's Karpathy split sizes
+    splits = build_dsi_splits(collection, num_index_images=10000, num_eval_images=2000, seed=7)
+    assert len(splits.index) == 10000
+    assert len(set(splits.eval_queries["image_key"])) == 2000
+    assert len(set(splits.train_queries["image_key"])) == 8000
+    assert not set(splits.eval_queries["image_key"]) & set(splits.train_queries["image_key"])
+    assert len(splits.eval_queries) == 10000 and len(splits.train_queries) == 40000
+    again = build_dsi_splits(collection, num_index_images=10000, num_eval_images=2000, seed=7)
+    assert again.index["image_key"] == splits.index["image_key"]
+    other = build_dsi_splits(collection, num_index_images=10000, num_eval_images=2000, seed=8)
+    assert other.index["image_key"] != splits.index["image_key"]
+
+
+def test_seen_protocol_holds_out_captions_of_training_images(tmp_path):
+    collection = fake_collection(tmp_path, 20, 5, 0, captions=3)
+    splits = build_dsi_splits(collection, seen_captions_per_image=1)
+    assert len(splits.seen_queries) == 20 and len(splits.train_queries) == 40
+    assert set(splits.seen_queries["image_key"]) == set(splits.train_queries["image_key"])
+    assert not set(splits.seen_queries["caption"]) & set(splits.train_queries["caption"])
+    assert len(splits.eval_queries) == 15
+
+
+def test_protocol_errors(tmp_path):
+    collection = fake_collection(tmp_path, 10, 2, 0)
+    with pytest.raises(CollectionError, match="--num_eval_images 5"):
+        build_dsi_splits(collection, num_eval_images=5)
+    with pytest.raises(CollectionError, match="--num_index_images 50"):
+        build_dsi_splits(collection, num_index_images=50)
+
+
+# ----- synthetic scenes ------------------------------------------------------------------------------
+
+def test_synthetic_scenes_deterministic_unique_and_loadable(tmp_path):
+    a = generate_scenes(str(tmp_path / "a"), 120, image_size=32, seed=3, progress=False)
+    b = generate_scenes(str(tmp_path / "b"), 120, image_size=32, seed=3, progress=False)
+    assert open(a).read() == open(b).read()
+    assert open(tmp_path / "a/images/scene_000007.png", "rb").read() == \
+        open(tmp_path / "b/images/scene_000007.png", "rb").read()
+    scenes = sample_scenes(5000, seed=1)
+    assert len(set(scenes)) == 5000
+    collection = load_karpathy(a, str(tmp_path / "a/images"))
+    check_images(collection, progress=False)
+    for image_captions in np.array(collection.captions["caption"]).reshape(120, 3):
+        assert len(set(image_captions)) == 3  # three different wordings
+    assert set(collection.images["split"]) == {"train", "test", "val"}
+
+
+def test_synthetic_scenes_size_bounds():
+    with pytest.raises(ValueError, match="num_images"):
+        sample_scenes(600, max_objects=1)  # only 576 distinct single-object scenes exist
+
+
+# ----- image conversion ------------------------------------------------------------------------------
+
+def test_rgba_composited_on_white():
+    image = Image.new("RGBA", (2, 2), (255, 0, 0, 0))  # fully transparent red
+    image.putpixel((1, 1), (0, 0, 255, 128))  # half-transparent blue
+    rgb = to_rgb(image)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    r, g, b = rgb.getpixel((1, 1))
+    assert abs(r - 127) <= 1 and abs(g - 127) <= 1 and b == 255
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "CMYK", "LA", "I;16"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (4, 4), (10, 200, 30)).convert(mode) if mode != "I;16" else Image.new("I;16", (4, 4), 40000)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (4, 4)
+    if mode == "I;16":
+        assert rgb.getpixel((0, 0))[0] == 40000 // 256
+
+
+def test_palette_with_transparency_uses_white(tmp_path):
+    image = Image.new("P", (2, 2), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    image.save(tmp_path / "p.png")
+    assert load_rgb(str(tmp_path / "p.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_preprocessor_output_shape():
+    from conftest import tiny_config
+
+    preprocessor = ImagePreprocessor.for_model_config(tiny_config(), augment=True)
+    pixels = preprocessor([Image.new("RGBA", (50, 40)), Image.new("L", (64, 64))])
+    assert pixels.shape == (2, 3, 32, 32)
