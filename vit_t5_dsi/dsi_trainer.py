@@ -20,6 +20,7 @@ from .ranking import rank_by_generation, rank_by_similarity
 class DSITrainer(Seq2SeqTrainer):
     def __init__(self, *args, eval_sets: dict | None = None, retrieval_k: int = 10, model_card_fn=None, **kwargs):
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(mrr_k=10))
+        kwargs.setdefault("eval_dataset", eval_sets)  # lets Trainer accept an eval_strategy
         super().__init__(*args, **kwargs)
         self.eval_sets = eval_sets or {}
         self.retrieval_k = retrieval_k
@@ -50,6 +51,13 @@ class DSITrainer(Seq2SeqTrainer):
             return metrics
         finally:
             self._image_embeddings = None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Loggers group `eval_*` keys under eval/: the seen and indexing sets join them there (eval/seen_hits@1,
+        eval/index_hits@1) instead of landing among training curves. Saved results keep their plain prefixes."""
+        renamed = {(f"eval_{key}" if key.split("_", 1)[0] in self.eval_sets and not key.startswith("eval_") else key):
+                   value for key, value in logs.items()}
+        super().log(renamed, *args, **kwargs)
 
     @torch.no_grad()
     def _embed_index(self) -> torch.Tensor:

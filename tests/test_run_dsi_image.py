@@ -1,0 +1,187 @@
+"""End-to-end runs of the main job on tiny synthetic collections (offline, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import run_dsi_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = [f"{p}_{m}" for p in ("eval", "seen", "index") for m in ("hits@1", "hits@5", "hits@10", "mrr@10")]
+
+
+def tiny_args(tmp_path, *extra, images=40, epochs=1):
+    return ["--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
+            "--demo_num_images", str(images), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
+            "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True", "--save_strategy", "no",
+            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
+            "--logging_steps", "5", *extra]
+
+
+def run_script(args, env=None, timeout=600, launcher=None):
+    command = (launcher or [sys.executable, os.path.join(ROOT, "run_dsi_image.py")]) + args
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("variant, scheme", [("cross_attention", "semantic"), ("codebook", "naive"),
+                                             ("dual_encoder", "naive")])
+def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, variant, scheme):
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--variant", variant, "--docid_scheme", scheme))
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    for key in METRIC_KEYS:
+        assert key in results and 0.0 <= results[key] <= 1.0, key
+        assert results[key] == pytest.approx(metrics[key])
+    assert results["num_eval_queries"] > 0 and results["world_size"] == 1
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "image_index.json").exists()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"`{variant}`" in card and "| held-out captions |" in card and "trust_remote_code=True" in card
+
+
+def test_demo_checkpoint_retrieves_in_a_fresh_process(tmp_path):
+    run_dsi_image.main(tiny_args(tmp_path, "--docid_scheme", "atomic"))
+    out = run_script_cli(["--model", str(tmp_path / "out"), "--k", "3", "--json", "a large red circle",
+                          "a small blue square in the center"])
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    keys = json.loads((tmp_path / "out" / "image_index.json").read_text())["keys"]
+    assert len(lines) == 2
+    for line in lines:
+        images = [r["image"] for r in line["results"]]
+        assert 1 <= len(images) <= 3 and len(set(images)) == len(images) and set(images) <= set(keys)
+
+
+def run_script_cli(args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "retrieve_images.py"), *args], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_evaluation_during_training_uses_constrained_search(tmp_path):
+    run_dsi_image.main(tiny_args(tmp_path, "--eval_strategy", "steps", "--eval_steps", "3", "--max_steps", "6",
+                                 "--do_eval", "False"))
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_hits@10" in entry]
+    assert [entry["step"] for entry in evaluations] == [3, 6]
+    assert [entry["step"] for entry in state["log_history"] if "eval_index_hits@1" in entry] == [3, 6]
+
+
+def test_resume_after_a_kill_reaches_the_same_final_step_with_the_same_index(tmp_path):
+    args = tiny_args(tmp_path, "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4",
+                     "--save_total_limit", "5", "--do_eval", "False")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out" / "model.safetensors").exists(), "the run finished before it could be stopped"
+    index_before = (checkpoint / "image_index.json").read_text()
+    result = run_script(args + ["--resume_from_checkpoint", str(checkpoint)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    assert (tmp_path / "out" / "image_index.json").read_text() == index_before
+
+
+def test_wandb_offline_logs_losses_and_hits(tmp_path):
+    pytest.importorskip("wandb", reason="install the 'wandb' extra: pip install -e '.[wandb]'")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""}
+    result = run_script(tiny_args(tmp_path, "--report_to", "wandb", "--run_name", "dsi-test"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep every logged record here
+    for key in (b"train/loss", b"eval/hits@10", b"eval/seen_hits@1", b"eval/index_hits@1"):
+        assert key in records, key
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_query_once(tmp_path):
+    """Two gloo processes evaluate the single-process checkpoint: identical Hits@k, world size 2."""
+    single = tiny_args(tmp_path, images=70, epochs=2)
+    run_dsi_image.main(single)
+    checkpoint = str(tmp_path / "out")
+    reference = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    eval_args = ["--model_name_or_path", checkpoint, "--do_train", "False", "--output_dir", str(tmp_path / "ddp"),
+                 "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "70", "--per_device_eval_batch_size", "7",
+                 "--disable_tqdm", "True", "--use_cpu", "True"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(ROOT, "run_dsi_image.py")]
+    result = run_script(eval_args, launcher=launcher, env={"MASTER_PORT": "29533"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    distributed = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
+    assert distributed["world_size"] == 2
+    assert distributed["num_eval_queries"] == reference["num_eval_queries"]
+    assert distributed["num_eval_queries"] % 14 != 0, "pick sizes whose last batch is padded across processes"
+    for key in METRIC_KEYS:
+        assert distributed[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_two_processes_train(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(ROOT, "run_dsi_image.py")]
+    result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "4"), launcher=launcher,
+                        env={"MASTER_PORT": "29534"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["world_size"] == 2 and "eval_hits@10" in results
+
+
+def test_push_to_hub_uploads_the_checkpoint_with_its_card(tmp_path, monkeypatch):
+    import transformers.trainer as trainer_module
+
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls["repo"] = repo_id
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls["files"] = sorted(os.listdir(folder_path))
+            calls["card"] = open(os.path.join(folder_path, "README.md")).read()
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeApi())
+    run_dsi_image.main(tiny_args(tmp_path, "--push_to_hub", "True", "--hub_model_id", "someone/dsi-demo"))
+    assert calls["repo"] == "someone/dsi-demo"
+    assert {"model.safetensors", "image_index.json", "config.json", "README.md", "modeling_vit_t5_dsi.py",
+            "tokenizer.json", "preprocessor_config.json"} <= set(calls["files"])
+    assert 'DSIRetriever.from_pretrained("someone/dsi-demo")' in calls["card"]
+
+
+def test_arguments_from_a_yaml_file(tmp_path):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "demo_dir": str(tmp_path / "data"), "demo_num_images": 40,
+        "max_steps": 2, "save_strategy": "no", "disable_tqdm": True, "semantic_max_leaf_size": 8,
+        "tokenizer_vocab_size": 200, "per_device_train_batch_size": 16}))
+    run_dsi_image.main([str(config)])
+    assert (tmp_path / "out" / "all_results.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fp16", "True"], "--fp16 with T5"),
+    (["--karpathy_json", "x.json"], "--karpathy_json needs --image_dir"),
+    (["--vision_model_name_or_path", "google/vit-base-patch16-224-in21k"], "go together"),
+    (["--karpathy_json", "missing.json", "--image_dir", "."], "missing.json: no such file"),
+    (["--variant", "bogus"], "variant='bogus'"),
+    (["--docid_scheme", "bogus"], "docid_scheme='bogus'"),
+])
+def test_bad_flags_fail_before_training(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run_dsi_image.main(tiny_args(tmp_path, *extra))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
