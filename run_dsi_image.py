@@ -332,8 +332,6 @@ def main(argv=None):
         collator.preprocessor = preprocessor
         metrics = trainer.evaluate()
         metrics["world_size"] = training_args.world_size
-        metrics["num_eval_queries"] = len(eval_sets.get("eval", []))
-        metrics["num_seen_queries"] = len(eval_sets.get("seen", []))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         final_metrics.update(metrics)

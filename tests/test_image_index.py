@@ -241,3 +241,15 @@ def test_compute_metrics_for_generation_counts_every_query(tokenizer):
     assert metrics["hits@2"] == pytest.approx(2 / 3)
     assert metrics["mrr@10"] == pytest.approx((0.5 + 0 + 0.5) / 3)
     assert eos == 1
+
+
+def test_ranking_metrics_count_repeated_queries_once():
+    from transformers import EvalPrediction
+
+    from vit_t5_dsi.metrics import compute_ranking_metrics
+
+    ranked = np.array([[1, 2], [3, 4], [1, 2], [9, 9]])  # row 2 repeats query 0 (distributed padding)
+    labels = np.array([[1, 0], [4, 1], [1, 0], [5, 2]])  # (gold position, query id)
+    metrics = compute_ranking_metrics(ks=(1, 2), mrr_k=2)(EvalPrediction(predictions=ranked, label_ids=labels))
+    assert metrics["num_queries"] == 3
+    assert metrics["hits@1"] == pytest.approx(1 / 3) and metrics["hits@2"] == pytest.approx(2 / 3)

@@ -37,7 +37,7 @@ def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, varian
     for key in METRIC_KEYS:
         assert key in results and 0.0 <= results[key] <= 1.0, key
         assert results[key] == pytest.approx(metrics[key])
-    assert results["num_eval_queries"] > 0 and results["world_size"] == 1
+    assert results["eval_num_queries"] > 0 and results["world_size"] == 1
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "image_index.json").exists()
     card = (tmp_path / "out" / "README.md").read_text()
@@ -112,7 +112,7 @@ def test_two_processes_count_every_query_once(tmp_path):
     checkpoint = str(tmp_path / "out")
     reference = json.loads((tmp_path / "out" / "all_results.json").read_text())
     eval_args = ["--model_name_or_path", checkpoint, "--do_train", "False", "--output_dir", str(tmp_path / "ddp"),
-                 "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "70", "--per_device_eval_batch_size", "7",
+                 "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "70", "--per_device_eval_batch_size", "5",
                  "--disable_tqdm", "True", "--use_cpu", "True"]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -121,8 +121,10 @@ def test_two_processes_count_every_query_once(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     distributed = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert distributed["world_size"] == 2
-    assert distributed["num_eval_queries"] == reference["num_eval_queries"]
-    assert distributed["num_eval_queries"] % 14 != 0, "pick sizes whose last batch is padded across processes"
+    assert reference["eval_num_queries"] % 10 != 0, "pick sizes whose last batch is padded across processes"
+    for prefix in ("eval", "seen", "index"):
+        assert distributed[f"{prefix}_num_queries"] == reference[f"{prefix}_num_queries"]
+    assert distributed["eval_num_queries"] == 42
     for key in METRIC_KEYS:
         assert distributed[key] == pytest.approx(reference[key], abs=1e-9), key
 
@@ -137,6 +139,8 @@ def test_two_processes_train(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["world_size"] == 2 and "eval_hits@10" in results
+    assert results["eval_num_queries"] == json.loads((tmp_path / "out" / "protocol.json").read_text())[
+        "num_eval_queries"]
 
 
 def test_push_to_hub_uploads_the_checkpoint_with_its_card(tmp_path, monkeypatch):

@@ -28,8 +28,10 @@ class ImageSource:
 
 
 def _rows(keys, captions, kind, evaluate) -> datasets.Dataset:
+    """`query_id` numbers evaluation rows so padding duplicates of distributed evaluation can be dropped."""
     return datasets.Dataset.from_dict({"image_key": list(keys), "caption": list(captions),
-                                       "kind": [kind] * len(keys), "evaluate": [evaluate] * len(keys)})
+                                       "kind": [kind] * len(keys), "evaluate": [evaluate] * len(keys),
+                                       "query_id": list(range(len(keys)))})
 
 
 def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | None = None,
@@ -67,7 +69,7 @@ def evaluation_sets(splits: DSISplits, max_index_eval_images: int | None = None)
 
 class DSICollator:
     """Rows -> model inputs. Training rows: images first, then captions, with identifier `labels` (generative)
-    or image-position `labels` (dual encoder). Evaluation rows: inputs plus `gold_index`."""
+    or image-position `labels` (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, preprocessor: ImagePreprocessor, tokenizer,
                  variant: str, max_caption_length: int = 64):
@@ -99,6 +101,7 @@ class DSICollator:
             else:
                 batch.update(self._text([r["caption"] for r in captions]))
             batch["gold_index"] = torch.tensor([self.index.position_of_key[r["image_key"]] for r in query_rows])
+            batch["query_id"] = torch.tensor([r["query_id"] for r in query_rows])
             return batch
         if self.variant == "dual_encoder":
             keys = [r["image_key"] for r in captions]

@@ -1,8 +1,9 @@
 """Seq2SeqTrainer for generative image retrieval: every evaluation ranks with the trie-constrained beam search.
 
 Hooks only (no hand-written loop): `evaluate` runs each query set under its own metric prefix (`eval_`, `seen_`,
-`index_`), `prediction_step` returns each query's ranked index positions and its gold position, so Trainer's
-`gather_for_metrics` drops the padding duplicates of distributed evaluation and each query counts exactly once.
+`index_`), `prediction_step` returns each query's ranked index positions with (gold position, query id) as labels:
+distributed evaluation pads the last batches with repeated queries, and the metrics drop repeats by query id, so
+each query counts exactly once (reported as `<prefix>_num_queries`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class DSITrainer(Seq2SeqTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)
         gold = inputs.pop("gold_index")
+        query_id = inputs.pop("query_id")
         model = self.accelerator.unwrap_model(model)
         if self.is_dual_encoder:
             if "pixel_values" in inputs:
@@ -86,7 +88,7 @@ class DSITrainer(Seq2SeqTrainer):
         else:
             ranking = rank_by_generation(model, self.image_index, self.retrieval_k, **inputs)
         positions = torch.as_tensor(ranking.positions, device=gold.device)
-        return None, positions, gold
+        return None, positions, torch.stack([gold, query_id], dim=1)
 
     def create_model_card(self, *args, **kwargs):
         """Our card (variant, identifiers, data, metrics, how to load and retrieve), not Trainer's generic one."""

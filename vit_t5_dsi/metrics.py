@@ -41,11 +41,17 @@ def ranking_metrics(ranked: np.ndarray, gold: Sequence[int], ks: Sequence[int] =
 
 
 def compute_ranking_metrics(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10):
-    """For our trainer: predictions are (N, k) ranked positions, label_ids the (N,) gold positions."""
+    """For our trainer: predictions are (N, k) ranked positions; label_ids (N,) gold positions, or (N, 2) gold
+    positions and query ids, in which case repeated query ids (distributed padding) count once."""
 
     def compute(eval_prediction) -> dict[str, float]:
-        return ranking_metrics(eval_prediction.predictions, np.asarray(eval_prediction.label_ids).reshape(-1),
-                               ks, mrr_k)
+        ranked, labels = np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids)
+        if labels.ndim == 2:
+            _, first = np.unique(labels[:, 1], return_index=True)
+            ranked, labels = ranked[first], labels[first, 0]
+        metrics = ranking_metrics(ranked, labels, ks, mrr_k)
+        metrics["num_queries"] = len(labels)
+        return metrics
 
     return compute
 
