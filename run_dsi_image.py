@@ -116,13 +116,15 @@ class DSITrainingArguments(Seq2SeqTrainingArguments):
     do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train False to only evaluate)."})
     do_eval: bool = field(default=True, metadata={"help": "Evaluate Hits@k and MRR@10 after training."})
     retrieval_k: int = field(default=10, metadata={"help": "Beams = returned images per query in evaluation."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
-    num_train_epochs: float = field(default=30.0, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    num_train_epochs: float = field(default=150.0, metadata={
+        "help": "Training epochs. Memorising ids takes long schedules (DSI trains for hundreds of epochs)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
     warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps."})
     logging_steps: float = field(default=25, metadata={"help": "Log losses every this many steps."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints (no/steps/epoch)."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints (no/steps/epoch)."})
+    save_steps: float = field(default=500, metadata={"help": "Save a resumable checkpoint every this many steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads them."})
     allow_fp16_t5: bool = field(default=False, metadata={
