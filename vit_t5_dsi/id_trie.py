@@ -1,14 +1,17 @@
 """A trie over identifier token sequences, held in tensors, and the beam-search constraint built on it.
 
 Public trie decoders (GENRE and its descendants) walk a nested dict once per beam per step from Python.
-Here the trie is a sorted edge table: one `searchsorted` per prefix position moves every beam at once, and
-one scatter builds the mask, so the constraint's cost barely grows with the number of beams or identifiers.
+Here the trie is a table of edges plus a padded child table: each step moves every beam one token down from its
+parent's node with one gather, and one scatter builds the mask, so the cost barely grows with the number of beams
+or identifiers.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -29,23 +32,22 @@ class IdTrie:
         if len(sequences) == 0:
             raise ValueError("Cannot build an identifier trie from zero identifiers.")
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
-        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        lengths = torch.from_numpy(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
         if int(lengths.min()) == 0:
             raise ValueError("An identifier has no tokens.")
         max_len = int(lengths.max()) + 1  # + eos
         table = torch.full((len(sequences), max_len), -1, dtype=torch.long)
-        flat = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
-        rows = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
-        cols = torch.arange(len(flat)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        table[rows, cols] = flat
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64,
+                                            count=int(lengths.sum())))
         if int(flat.min()) < 0:
             raise ValueError("Identifier token ids must be non-negative.")
         if bool((flat == self.eos_token_id).any()):
             raise ValueError("An identifier contains the eos token; eos may only end it.")
+        table[torch.arange(max_len)[None, :] < lengths[:, None]] = flat  # row-major: each row gets its tokens
+        del flat
         table[torch.arange(len(sequences)), lengths] = self.eos_token_id
         self.stride = int(table.max()) + 1
         self.max_length = max_len
-        del flat, rows, cols
 
         keys, children = [], []
         node = torch.zeros(len(sequences), dtype=torch.long)
@@ -70,135 +72,135 @@ class IdTrie:
         self._build_child_table()
 
     def _build_child_table(self) -> None:
-        """Padded (num_nodes + 1, width) tables of children; row `num_nodes` stands for dead beams. Short rows
-        repeat their first child (harmless in a scatter); leaf and dead rows hold pad and eos only."""
+        """Padded (num_nodes + 1, width) tables of children; the last row stands for dead beams (node -1 indexes
+        it directly). Short rows repeat their first child token (harmless in a scatter) with child node 0: the
+        root is nobody's child, so 0 reads as "no such child". Leaf and dead rows hold pad and eos only."""
         counts = self.edge_start[1:] - self.edge_start[:-1]
         narrow = counts <= self.MAX_NARROW
         width = max(2, int(counts[narrow].max()))
-        self.is_wide = torch.cat([~narrow, torch.zeros(1, dtype=torch.bool)])
-        first = self.edge_token[self.edge_start[:-1].clamp(max=len(self.edge_token) - 1)]
+        # int32 tables: half the memory; indices are widened per step, on (rows, width) only
+        first = self.edge_token[self.edge_start[:-1].clamp(max=len(self.edge_token) - 1)].int()
         tokens = first[:, None].repeat(1, width)
-        nodes = torch.full((self.num_nodes, width), -1, dtype=torch.long)
+        del first
+        nodes = torch.zeros((self.num_nodes, width), dtype=torch.int32)
         parents = torch.repeat_interleave(torch.arange(self.num_nodes), counts)
         slots = torch.arange(len(parents)) - self.edge_start[parents]
         keep = narrow[parents]
-        tokens[parents[keep], slots[keep]] = self.edge_token[keep]
-        nodes[parents[keep], slots[keep]] = self.edge_child[keep]
-        stuck = torch.full((width,), self.eos_token_id, dtype=torch.long)
+        parents, slots = parents[keep], slots[keep]
+        tokens[parents, slots] = self.edge_token[keep].int()
+        nodes[parents, slots] = self.edge_child[keep].int()
+        del parents, slots, keep
+        stuck = torch.full((width,), self.eos_token_id, dtype=torch.int32)
         stuck[0] = self.pad_token_id
         tokens[counts == 0] = stuck
-        self.child_tokens = torch.cat([tokens, stuck[None]])
-        self.child_nodes = torch.cat([nodes, torch.full((1, width), -1, dtype=torch.long)])
+        # Trie state is small integer work: numpy's per-call overhead is ~1 us where torch's is ~5-10 us, so the
+        # tables live as numpy arrays (zero-copy views) and only the scores stay in torch.
+        self.child_tokens = torch.cat([tokens, stuck[None]]).numpy()
+        self.child_nodes = torch.cat([nodes, torch.zeros((1, width), dtype=torch.int32)]).numpy()
+        self.is_wide = torch.cat([~narrow, torch.zeros(1, dtype=torch.bool)]).numpy()
         self.has_wide = bool(self.is_wide.any())
+        self.edge_key, self.edge_child = self.edge_key.numpy(), self.edge_child.numpy()
+        self.edge_token, self.edge_start = self.edge_token.numpy(), self.edge_start.numpy()
 
-    def to(self, device) -> "IdTrie":
-        for name in ("edge_key", "edge_child", "edge_token", "edge_start", "child_tokens", "child_nodes", "is_wide"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.edge_key.device
-
-    def _rows(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Child-table row of each node (dead beams, -1, use the last row)."""
-        return torch.where(nodes >= 0, nodes, torch.full_like(nodes, self.num_nodes))
-
-    def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Child of each node through each token; -1 where there is none (or the node was already -1)."""
-        rows = self._rows(nodes)
-        match = self.child_tokens[rows] == tokens[:, None]
-        child = self.child_nodes[rows].gather(1, match.int().argmax(1, keepdim=True)).squeeze(1)
-        child = torch.where(match.any(1), child, torch.full_like(child, -1))
+        match = self.child_tokens[nodes] == tokens[:, None]  # node -1 reads the dead row
+        child = (self.child_nodes[nodes] * match).sum(1, dtype=np.int64)  # one real match at most; fillers add 0
+        child = np.where(child > 0, child, -1)
         if self.has_wide:
-            wide = self.is_wide[rows]
-            if bool(wide.any()):
-                child = torch.where(wide, self._csr_step(nodes, tokens), child)
+            wide = self.is_wide[nodes]
+            if wide.any():
+                child = np.where(wide, self._csr_step(nodes, tokens), child)
         return child
 
-    def _csr_step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _csr_step(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         keys = nodes * self.stride + tokens
-        position = torch.searchsorted(self.edge_key, keys).clamp(max=len(self.edge_key) - 1)
+        position = np.searchsorted(self.edge_key, keys).clip(max=len(self.edge_key) - 1)
         found = (self.edge_key[position] == keys) & (nodes >= 0) & (tokens >= 0) & (tokens < self.stride)
-        return torch.where(found, self.edge_child[position], torch.full_like(nodes, -1))
+        return np.where(found, self.edge_child[position], -1)
 
-    def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
+    def walk(self, prefixes: np.ndarray) -> np.ndarray:
         """Node reached by each row of a (R, L) prefix table (generated tokens only, no start token)."""
-        nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
+        prefixes = np.asarray(prefixes, dtype=np.int64).reshape(len(prefixes), -1)
+        nodes = np.zeros(len(prefixes), dtype=np.int64)
         for column in prefixes.T:
             nodes = self.step(nodes, column)
         return nodes
 
-    def mask_scores(self, nodes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def mask_scores(self, nodes: np.ndarray, scores: torch.Tensor) -> torch.Tensor:
         """`scores` with every token that does not continue an identifier set to -inf (one gather + scatter)."""
-        tokens = self.child_tokens[self._rows(nodes)].clamp(max=scores.shape[-1] - 1)
+        tokens = self.child_tokens[nodes].astype(np.int64)
+        if self.stride > scores.shape[-1]:  # ids use tokens the model cannot write: never allow them
+            tokens = tokens.clip(max=scores.shape[-1] - 1)
+        tokens = torch.from_numpy(tokens).to(scores.device, non_blocking=True)
         constrained = torch.full_like(scores, float("-inf"))
         constrained.scatter_(1, tokens, scores.gather(1, tokens))
         if self.has_wide:
-            wide = torch.nonzero(self.is_wide[self._rows(nodes)]).flatten()
+            wide = np.flatnonzero(self.is_wide[nodes])
             if len(wide):
-                constrained[wide] = float("-inf")
                 rows, wide_tokens = self.allowed_tokens(nodes[wide])
                 keep = wide_tokens < scores.shape[-1]
-                rows, wide_tokens = wide[rows[keep]], wide_tokens[keep]
+                rows = torch.from_numpy(wide[rows[keep]]).to(scores.device)
+                wide_tokens = torch.from_numpy(wide_tokens[keep]).to(scores.device)
+                constrained[torch.from_numpy(wide).to(scores.device)] = float("-inf")
                 constrained[rows, wide_tokens] = scores[rows, wide_tokens]
         return constrained
 
-    def allowed_tokens(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def allowed_tokens(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, token) pairs allowed after each node; a leaf or dead row allows only pad and eos."""
-        safe = nodes.clamp(min=0)
-        counts = torch.where(nodes >= 0, self.edge_start[safe + 1] - self.edge_start[safe], torch.zeros_like(nodes))
-        rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), counts)
-        offsets = torch.arange(len(rows), device=nodes.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)
+        nodes = np.asarray(nodes, dtype=np.int64)
+        safe = nodes.clip(min=0)
+        counts = np.where(nodes >= 0, self.edge_start[safe + 1] - self.edge_start[safe], 0)
+        rows = np.repeat(np.arange(len(nodes)), counts)
+        offsets = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
         tokens = self.edge_token[self.edge_start[safe][rows] + offsets]
-        stuck = torch.nonzero(counts == 0).flatten()
+        stuck = np.flatnonzero(counts == 0)
         if len(stuck):
-            specials = torch.tensor([self.pad_token_id, self.eos_token_id], device=nodes.device)
-            rows = torch.cat([rows, stuck.repeat_interleave(2)])
-            tokens = torch.cat([tokens, specials.repeat(len(stuck))])
+            rows = np.concatenate([rows, np.repeat(stuck, 2)])
+            tokens = np.concatenate([tokens, np.tile([self.pad_token_id, self.eos_token_id], len(stuck))])
         return rows, tokens
 
     def children(self, prefix: Sequence[int]) -> list[int]:
-        node = self.walk(torch.tensor([list(prefix)], dtype=torch.long, device=self.device).reshape(1, -1))
-        return self.allowed_tokens(node)[1].tolist()
+        return self.allowed_tokens(self.walk(np.asarray([list(prefix)], dtype=np.int64)))[1].tolist()
 
 
 class TrieConstrainedLogitsProcessor(LogitsProcessor):
-    """Masks every beam's scores to the tokens that continue an existing identifier, in tensor operations.
+    """Masks every beam's scores to the tokens that continue an existing identifier.
 
     `input_ids` are the decoder's tokens so far; their first column (the decoder start token) is skipped. Beam
     search reorders rows between steps without telling processors, so each call finds every row's parent among
     the previous call's rows (hash, then an exact check) and moves one token down the trie; when that fails (a
-    new generation, or anything unexpected) it walks the whole prefix from the root.
+    new generation, or anything unexpected) it walks the whole prefix from the root. No loop over beams.
     """
 
     def __init__(self, trie: IdTrie, num_start_tokens: int = 1):
         self.trie = trie
         self.num_start_tokens = num_start_tokens
-        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._weights: torch.Tensor | None = None
+        self._previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, their hashes, nodes
+        self._weights = np.random.default_rng(0).integers(1, 2 ** 61, size=64, dtype=np.int64)
 
-    def _nodes(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _hash(self, rows: np.ndarray) -> np.ndarray:
+        if len(self._weights) < rows.shape[1]:
+            self._weights = np.random.default_rng(rows.shape[1]).integers(1, 2 ** 61, size=2 * rows.shape[1],
+                                                                           dtype=np.int64)
+        with np.errstate(over="ignore"):  # wrap-around arithmetic is the hash
+            return (rows * self._weights[: rows.shape[1]]).sum(1)
+
+    def _nodes(self, input_ids: np.ndarray) -> np.ndarray:
         generated = input_ids[:, self.num_start_tokens:]
         if self._previous is not None and generated.shape[1] >= 1:
-            previous_ids, previous_nodes = self._previous
+            previous_ids, previous_hashes, previous_nodes = self._previous
             prefix = input_ids[:, :-1]
             if previous_ids.shape == prefix.shape:
-                if self._weights is None or len(self._weights) < prefix.shape[1]:
-                    self._weights = torch.randint(1, 2 ** 61, (prefix.shape[1] + 64,), device=input_ids.device)
-                weights = self._weights[: prefix.shape[1]]
-                parent = ((prefix * weights).sum(1)[:, None] == (previous_ids * weights).sum(1)[None, :]).int()
-                parent = parent.argmax(1)
-                if bool((previous_ids[parent] == prefix).all()):
+                parent = (self._hash(prefix)[:, None] == previous_hashes[None, :]).argmax(1)
+                if (previous_ids[parent] == prefix).all():
                     return self.trie.step(previous_nodes[parent], input_ids[:, -1])
         return self.trie.walk(generated)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.trie.device != scores.device:
-            self.trie.to(scores.device)
-        nodes = self._nodes(input_ids)
-        self._previous = (input_ids, nodes)
+        ids = input_ids.detach().cpu().numpy().astype(np.int64, copy=False)
+        nodes = self._nodes(ids)
+        self._previous = (ids, self._hash(ids), nodes)
         return self.trie.mask_scores(nodes, scores)
 
 
