@@ -117,7 +117,7 @@ class DSITrainingArguments(Seq2SeqTrainingArguments):
     do_eval: bool = field(default=True, metadata={"help": "Evaluate Hits@k and MRR@10 after training."})
     retrieval_k: int = field(default=10, metadata={"help": "Beams = returned images per query in evaluation."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
-    num_train_epochs: float = field(default=150.0, metadata={
+    num_train_epochs: float = field(default=300.0, metadata={
         "help": "Training epochs. Memorising ids takes long schedules (DSI trains for hundreds of epochs)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
@@ -258,10 +258,6 @@ def build_index(model_args, model, tokenizer, splits, images, preprocessor, resu
     return index
 
 
-def results_table(metrics: dict[str, float]) -> str:
-    return metrics_table(metrics)
-
-
 def main(argv=None):
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
@@ -296,12 +292,10 @@ def main(argv=None):
     model.image_index = index
 
     collator = DSICollator(index, images, preprocessor, tokenizer, model.config.variant,
-                           data_args.max_caption_length)
-    train_collator_preprocessor = ImagePreprocessor(preprocessor.processor, augment=data_args.augment)
+                           data_args.max_caption_length,
+                           ImagePreprocessor(preprocessor.processor, augment=True) if data_args.augment else None)
     train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed)
     eval_sets = evaluation_sets(splits, data_args.max_index_eval_images)
-    if data_args.augment:
-        collator.preprocessor = train_collator_preprocessor  # evaluation re-creates crops-free batches below
 
     def model_card() -> str:
         description = (f"built-in synthetic scenes ({len(collection)} images)" if data_args.is_demo else
@@ -325,23 +319,22 @@ def main(argv=None):
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         final_metrics.update(result.metrics)
+    else:
+        trainer.save_model()  # an evaluate-only run still leaves a complete checkpoint for its card and the Hub
     if trainer.is_world_process_zero():
         preprocessor.save_pretrained(training_args.output_dir)
-        if not training_args.do_train:
-            trainer.save_model()
 
     if training_args.do_eval:
-        collator.preprocessor = preprocessor
         metrics = trainer.evaluate()
         metrics["world_size"] = training_args.world_size
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         final_metrics.update(metrics)
         if trainer.is_world_process_zero():
-            print("\n" + results_table(metrics) + "\n", flush=True)
+            print("\n" + metrics_table(metrics) + "\n", flush=True)
 
     if model.config.variant == "dual_encoder" and trainer.is_world_process_zero():
-        save_image_embeddings(training_args.output_dir, trainer._embed_index())
+        save_image_embeddings(training_args.output_dir, trainer.embed_index())
     if trainer.is_world_process_zero():
         trainer.create_model_card()
         with open(os.path.join(training_args.output_dir, "protocol.json"), "w") as f:

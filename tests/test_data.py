@@ -223,3 +223,33 @@ def test_preprocessor_output_shape():
     preprocessor = ImagePreprocessor.for_model_config(tiny_config(), augment=True)
     pixels = preprocessor([Image.new("RGBA", (50, 40)), Image.new("L", (64, 64))])
     assert pixels.shape == (2, 3, 32, 32)
+
+
+def test_collator_augments_training_rows_only(tmp_path, tokenizer):
+    import torch
+
+    from conftest import tiny_config
+    from vit_t5_dsi.dsi_data import DSICollator, ImageSource, evaluation_sets, training_stream
+    from vit_t5_dsi.image_index import ImageIndex
+
+    path = generate_scenes(str(tmp_path), 20, image_size=32, seed=0, progress=False)
+    splits = build_dsi_splits(load_karpathy(path, str(tmp_path / "images")), seen_captions_per_image=1)
+    keys = splits.index["image_key"][:]
+    index = ImageIndex.build(keys, tokenizer, "naive")
+    plain = ImagePreprocessor.for_model_config(tiny_config())
+    collator = DSICollator(index, ImageSource(splits.index), plain, tokenizer, "cross_attention",
+                           train_preprocessor=ImagePreprocessor(plain.processor, augment=True))
+    eval_rows = [evaluation_sets(splits)["index"][i] for i in range(4)]
+    torch.manual_seed(0)
+    first = collator(eval_rows)["pixel_values"]
+    torch.manual_seed(1)
+    assert torch.equal(first, collator(eval_rows)["pixel_values"])  # evaluation is never augmented
+    stream = training_stream(splits, "cross_attention")
+    batch = collator([stream[i] for i in range(8)])
+    assert "pixel_values" in batch and "input_ids" in batch
+    num_images = len(batch["pixel_values"])
+    assert batch["labels"].shape[0] == num_images + len(batch["input_ids"])
+    # images first: their labels are those of the image rows, in order
+    rows = [stream[i] for i in range(8)]
+    image_keys = [r["image_key"] for r in rows if r["kind"] == 0]
+    assert batch["labels"][0, : len(index.labels_for(image_keys[0]))].tolist() == index.labels_for(image_keys[0])

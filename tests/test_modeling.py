@@ -241,3 +241,24 @@ def test_compose_from_separately_pretrained_parts(tmp_path):
                                                                 variant="dual_encoder")
     torch.testing.assert_close(dual.text_model.shared.weight, t5.shared.weight)
     model(pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([[4, 1]])).loss.backward()
+
+
+def test_compose_with_a_timm_name_offline(tmp_path, caplog):
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=100))
+    t5.save_pretrained(tmp_path / "t5")
+    with caplog.at_level("WARNING"):
+        model = ViTT5DSIForConditionalGeneration.from_vision_text_pretrained("test_vit", str(tmp_path / "t5"))
+    assert "random weights" in caplog.text  # offline: timm's weights cannot be fetched, and it says so
+    assert model.config.vision_config.architecture == "test_vit"
+    model(pixel_values=torch.randn(1, 3, 160, 160), labels=torch.tensor([[4, 1]])).loss.backward()
+
+
+def test_caption_tokenizer_round_trip(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "a large red circle 1 2 3"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert loaded(text).input_ids[-1] == loaded.eos_token_id == 1 and loaded.pad_token_id == 0
+    assert loaded("407", add_special_tokens=False).input_ids == [loaded.convert_tokens_to_ids(c) for c in "407"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import run_dsi_image
@@ -189,3 +190,8 @@ def test_bad_flags_fail_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         run_dsi_image.main(tiny_args(tmp_path, *extra))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_bf16_training_steps(tmp_path):
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--bf16", "True", "--use_cpu", "True", "--max_steps", "3"))
+    assert np.isfinite(metrics["train_loss"]) and "eval_hits@10" in metrics

@@ -131,9 +131,10 @@ def load_hub_parquet(path_or_name: str, require_captions: bool = True) -> ImageC
             captions.append(caption.strip())
     collection = _build(list(filenames), [None] * len(table), list(split_column), caption_keys, captions,
                         path_or_name)
-    images = collection.images.remove_columns("image").add_column("image", table["image"])
-    return ImageCollection(images.cast_column("image", datasets.Image(decode=False)), collection.captions,
-                           path_or_name)
+    # the image bytes stay in the (memory-mapped) parquet table; only keys and splits are new columns
+    images = table.select_columns(["image"]).add_column("image_key", list(filenames)).add_column(
+        "split", list(split_column))
+    return ImageCollection(images.select_columns(["image_key", "image", "split"]), collection.captions, path_or_name)
 
 
 def _read_jsonl(path: str):
@@ -199,20 +200,26 @@ def _image_problem(value) -> str | None:
 
 
 def check_images(collection: ImageCollection, skip_bad_images: bool = False, num_workers: int = 4,
-                 progress: bool = True) -> ImageCollection:
+                 progress: bool = True, chunk_size: int = 512) -> ImageCollection:
     """Open every image once before training. A bad one stops the run with its key and path, or, with
-    `skip_bad_images`, is dropped together with its captions, and each dropped key is logged."""
-    values = collection.images["image"][:]
-    with ThreadPoolExecutor(num_workers) as pool:
-        problems = list(tqdm(pool.map(_image_problem, values), total=len(values), desc="Checking images",
-                             disable=not progress, mininterval=1.0))
+    `skip_bad_images`, is dropped together with its captions, and each dropped key is logged.
+
+    Images are read in chunks: a parquet collection keeps its bytes on disk, not all in memory at once.
+    """
+    problems: list[str | None] = []
+    column = collection.images.select_columns(["image"])
+    with ThreadPoolExecutor(num_workers) as pool, tqdm(total=len(column), desc="Checking images",
+                                                       disable=not progress, mininterval=1.0) as bar:
+        for chunk in column.iter(batch_size=chunk_size):
+            problems.extend(pool.map(_image_problem, chunk["image"]))
+            bar.update(len(chunk["image"]))
     bad = [(i, p) for i, p in enumerate(problems) if p is not None]
     if not bad:
         return collection
     keys = collection.images["image_key"][:]
 
     def where(i):
-        value = values[i]
+        value = collection.images[i]["image"]
         path = value.get("path") if isinstance(value, dict) else value
         return f"image {keys[i]!r} ({path or 'embedded bytes'}) in {collection.source}"
 
@@ -225,9 +232,9 @@ def check_images(collection: ImageCollection, skip_bad_images: bool = False, num
         logger.warning("Skipping %s: %s", where(i), problem)
     dropped_captions = sum(1 for k in collection.captions["image_key"][:] if k in bad_keys)
     logger.warning("--skip_bad_images: left out %d of %d images (%s) and their %d captions.", len(bad),
-                   len(values), ", ".join(sorted(bad_keys)[:20]) + (" ..." if len(bad) > 20 else ""),
+                   len(problems), ", ".join(sorted(bad_keys)[:20]) + (" ..." if len(bad) > 20 else ""),
                    dropped_captions)
-    keep = [i for i in range(len(values)) if problems[i] is None]
+    keep = [i for i in range(len(problems)) if problems[i] is None]
     captions = collection.captions.filter(lambda k: k not in bad_keys, input_columns="image_key")
     return ImageCollection(collection.images.select(keep), captions, collection.source)
 

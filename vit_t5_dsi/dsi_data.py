@@ -72,12 +72,16 @@ class DSICollator:
     or image-position `labels` (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, preprocessor: ImagePreprocessor, tokenizer,
-                 variant: str, max_caption_length: int = 64):
+                 variant: str, max_caption_length: int = 64, train_preprocessor: ImagePreprocessor | None = None):
+        """`train_preprocessor` (e.g. with augmentation) serves training rows; evaluation always uses
+        `preprocessor`, also for evaluations during training."""
         self.index, self.images, self.preprocessor, self.tokenizer = index, images, preprocessor, tokenizer
+        self.train_preprocessor = train_preprocessor or preprocessor
         self.variant, self.max_caption_length = variant, max_caption_length
 
-    def _pixels(self, keys):
-        return self.preprocessor([self.images.load(k) for k in keys])
+    def _pixels(self, keys, training: bool = False):
+        preprocessor = self.train_preprocessor if training else self.preprocessor
+        return preprocessor([self.images.load(k) for k in keys])
 
     def _text(self, captions):
         return self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_caption_length,
@@ -105,12 +109,12 @@ class DSICollator:
             return batch
         if self.variant == "dual_encoder":
             keys = [r["image_key"] for r in captions]
-            batch["pixel_values"] = self._pixels(keys)
+            batch["pixel_values"] = self._pixels(keys, training=True)
             batch.update(self._text([r["caption"] for r in captions]))
             batch["labels"] = torch.tensor([self.index.position_of_key[k] for k in keys])
             return batch
         if images:
-            batch["pixel_values"] = self._pixels([r["image_key"] for r in images])
+            batch["pixel_values"] = self._pixels([r["image_key"] for r in images], training=True)
         if captions:
             batch.update(self._text([r["caption"] for r in captions]))
         batch["labels"] = self._labels([r["image_key"] for r in images + captions])

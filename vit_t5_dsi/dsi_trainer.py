@@ -42,7 +42,7 @@ class DSITrainer(Seq2SeqTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         """With no dataset: every query set of the protocol, each under its prefix, in one metrics dict."""
         if self.is_dual_encoder:
-            self._image_embeddings = self._embed_index()
+            self._image_embeddings = self.embed_index()
         try:
             if eval_dataset is not None:
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
@@ -61,7 +61,7 @@ class DSITrainer(Seq2SeqTrainer):
         super().log(renamed, *args, **kwargs)
 
     @torch.no_grad()
-    def _embed_index(self) -> torch.Tensor:
+    def embed_index(self) -> torch.Tensor:
         """Embeddings of every indexed image (dual encoder), in index order."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
