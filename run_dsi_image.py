@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import transformers
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, load_dsi_model, model_class_for_variant
@@ -226,7 +227,7 @@ def image_embeddings_for_semantic_ids(model_args, model, keys, images: ImageSour
         raise ValueError(f"--semantic_embeddings {source}: expected a .npy file or a dual_encoder checkpoint.")
     encoder.eval()
     rows = []
-    for start in range(0, len(keys), batch_size):
+    for start in tqdm(range(0, len(keys), batch_size), desc="Embedding images for semantic ids", mininterval=1.0):
         pixels = preprocessor([images.load(k) for k in keys[start:start + batch_size]]).to(encoder.device)
         if encoder.config.variant == "dual_encoder":
             rows.append(encoder.encode_images(pixels).cpu())

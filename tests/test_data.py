@@ -253,3 +253,18 @@ def test_collator_augments_training_rows_only(tmp_path, tokenizer):
     rows = [stream[i] for i in range(8)]
     image_keys = [r["image_key"] for r in rows if r["kind"] == 0]
     assert batch["labels"][0, : len(index.labels_for(image_keys[0]))].tolist() == index.labels_for(image_keys[0])
+
+
+def test_inspect_collection_script_reports_bad_input(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inspect_collection", os.path.join(
+        os.path.dirname(__file__), "..", "data_scripts", "inspect_collection.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path, image_dir = karpathy(tmp_path, [entry("1.jpg"), entry("2.jpg", "test")])
+    assert module.main(["--karpathy_json", path, "--image_dir", image_dir]) == 0
+    assert "2 images indexed, 3 training captions, 3 held-out-image queries" in capsys.readouterr().out
+    os.remove(os.path.join(image_dir, "2.jpg"))
+    assert module.main(["--karpathy_json", path, "--image_dir", image_dir]) == 1
+    assert "missing image file: image '2.jpg'" in capsys.readouterr().err

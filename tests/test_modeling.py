@@ -77,6 +77,12 @@ def test_forward_backward(tokenizer, variant, kind):
         assert vision_grad > 0, "no gradient reached the image tower"
 
 
+def test_loss_is_not_rescaled_by_trainer_under_ddp():
+    """Trainer multiplies the loss by the process count for models that take loss kwargs; ours must opt out."""
+    assert ViTT5DSIForConditionalGeneration.accepts_loss_kwargs is False
+    assert ViTT5DSIDualEncoderModel.accepts_loss_kwargs is False
+
+
 def test_mixed_batch_equals_separate_batches(tokenizer):
     """Rows of a mixed batch are padded, not mixed: each row's logits match its single-modality run."""
     model = ViTT5DSIForConditionalGeneration(tiny_config()).eval()

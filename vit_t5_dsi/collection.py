@@ -47,9 +47,9 @@ def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollect
         if key in seen:
             raise CollectionError(f"{source}: duplicate image key {key!r} (items #{seen[key]} and #{i}).")
         seen[key] = i
-    for i, caption in enumerate(captions):
-        if caption_keys[i] not in seen:
-            raise CollectionError(f"{source}: caption #{i} refers to unknown image {caption_keys[i]!r}.")
+    for i, key in enumerate(caption_keys):
+        if key not in seen:
+            raise CollectionError(f"{source}: caption #{i} refers to unknown image {key!r}.")
     image_ds = datasets.Dataset.from_dict({"image_key": keys, "image": images, "split": splits})
     caption_ds = datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions})
     return ImageCollection(image_ds, caption_ds, source)

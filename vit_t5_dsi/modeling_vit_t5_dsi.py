@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
-from .image_index import INDEX_FILE_NAME, ImageIndex
+from .image_index import ImageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,6 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
         else:
             self.visual_projection = nn.Identity()
         self.post_init()
-
-    @property
-    def encoder_decoder(self) -> T5ForConditionalGeneration:
-        return self.language_model
 
     def get_encoder(self):
         return self.language_model.get_encoder()
