@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import transformers
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, load_dsi_model, model_class_for_variant
 from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer
-from vit_t5_dsi.collection import check_images, load_hub_parquet, load_jsonl, load_karpathy
+from vit_t5_dsi.collection import check_images, load_collection, load_karpathy
 from vit_t5_dsi.dsi_data import DSICollator, ImageSource, evaluation_sets, training_stream
 from vit_t5_dsi.dsi_splits import build_dsi_splits
 from vit_t5_dsi.dsi_trainer import DSITrainer
@@ -156,10 +155,6 @@ def parse_args(argv=None):
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: DSITrainingArguments):
     if (model_args.vision_model_name_or_path is None) != (model_args.text_model_name_or_path is None):
         raise ValueError("--vision_model_name_or_path and --text_model_name_or_path go together.")
-    if data_args.karpathy_json and not data_args.image_dir:
-        raise ValueError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
-    if sum(bool(x) for x in (data_args.karpathy_json, data_args.dataset_name, data_args.train_file)) > 1:
-        raise ValueError("Pass one of --karpathy_json, --dataset_name or --train_file.")
     if data_args.validation_file and not data_args.train_file:
         raise ValueError("--validation_file needs --train_file (the JSONL layout).")
     if training_args.fp16 and model_args.variant != "dual_encoder" and not training_args.allow_fp16_t5:
@@ -169,13 +164,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError("--remove_unused_columns must stay False: the collator reads image_key/caption/kind.")
 
 
-def load_collection(data_args: DataArguments, training_args, seed: int):
-    if data_args.karpathy_json:
-        return load_karpathy(data_args.karpathy_json, data_args.image_dir)
-    if data_args.dataset_name:
-        return load_hub_parquet(data_args.dataset_name)
-    if data_args.train_file:
-        return load_jsonl(data_args.train_file, data_args.validation_file, data_args.image_dir)
+def collection_for(data_args: DataArguments, training_args, seed: int):
+    if not data_args.is_demo:
+        return load_collection(data_args.karpathy_json, data_args.image_dir, data_args.dataset_name,
+                               data_args.train_file, data_args.validation_file)
     demo_dir = os.path.join(data_args.demo_dir,
                             f"scenes_{data_args.demo_num_images}_{data_args.demo_max_objects}obj_seed{seed}")
     json_path = os.path.join(demo_dir, "dataset_synthetic.json")
@@ -227,8 +219,8 @@ def image_embeddings_for_semantic_ids(model_args, model, keys, images: ImageSour
         raise ValueError(f"--semantic_embeddings {source}: expected a .npy file or a dual_encoder checkpoint.")
     encoder.eval()
     rows = []
-    for start in tqdm(range(0, len(keys), batch_size), desc="Embedding images for semantic ids", mininterval=1.0):
-        pixels = preprocessor([images.load(k) for k in keys[start:start + batch_size]]).to(encoder.device)
+    for pixels in images.batches(keys, preprocessor, batch_size, desc="Embedding images for semantic ids"):
+        pixels = pixels.to(encoder.device)
         if encoder.config.variant == "dual_encoder":
             rows.append(encoder.encode_images(pixels).cpu())
         else:
@@ -270,7 +262,7 @@ def main(argv=None):
     logger.info("world size %d, device %s, variant %s", training_args.world_size, training_args.device,
                 model_args.variant)
 
-    collection = load_collection(data_args, training_args, training_args.seed)
+    collection = collection_for(data_args, training_args, training_args.seed)
     collection = check_images(collection, data_args.skip_bad_images,
                               progress=training_args.should_log and not training_args.disable_tqdm)
     splits = build_dsi_splits(collection, data_args.num_index_images, data_args.num_eval_images,

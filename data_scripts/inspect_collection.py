@@ -15,7 +15,7 @@ import sys
 from transformers import HfArgumentParser
 
 from run_dsi_image import DataArguments
-from vit_t5_dsi.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
+from vit_t5_dsi.collection import CollectionError, check_images, load_collection
 from vit_t5_dsi.dsi_splits import build_dsi_splits
 
 
@@ -28,15 +28,8 @@ def main(argv=None) -> int:
         print(f"unknown arguments: {rest}", file=sys.stderr)
         return 2
     try:
-        if data_args.karpathy_json:
-            collection = load_karpathy(data_args.karpathy_json, data_args.image_dir or ".")
-        elif data_args.dataset_name:
-            collection = load_hub_parquet(data_args.dataset_name)
-        elif data_args.train_file:
-            collection = load_jsonl(data_args.train_file, data_args.validation_file, data_args.image_dir)
-        else:
-            print("give --karpathy_json (+ --image_dir), --dataset_name or --train_file", file=sys.stderr)
-            return 2
+        collection = load_collection(data_args.karpathy_json, data_args.image_dir, data_args.dataset_name,
+                                     data_args.train_file, data_args.validation_file)
         collection = check_images(collection, data_args.skip_bad_images)
         splits = build_dsi_splits(collection, data_args.num_index_images, data_args.num_eval_images,
                                   data_args.seen_captions_per_image, tuple(data_args.heldout_splits.split(",")), seed)

@@ -264,7 +264,7 @@ def test_inspect_collection_script_reports_bad_input(tmp_path, capsys):
     spec.loader.exec_module(module)
     path, image_dir = karpathy(tmp_path, [entry("1.jpg"), entry("2.jpg", "test")])
     assert module.main(["--karpathy_json", path, "--image_dir", image_dir]) == 0
-    assert "2 images indexed, 3 training captions, 3 held-out-image queries" in capsys.readouterr().out
+    assert "2 images indexed, 2 training captions, 3 held-out-image queries, 1 seen-image queries" in capsys.readouterr().out
     os.remove(os.path.join(image_dir, "2.jpg"))
     assert module.main(["--karpathy_json", path, "--image_dir", image_dir]) == 1
     assert "missing image file: image '2.jpg'" in capsys.readouterr().err

@@ -186,6 +186,23 @@ def load_jsonl(train_file: str, validation_file: str | None = None, image_dir: s
                   [c for _, c, _ in all_captions], train_file)
 
 
+def load_collection(karpathy_json: str | None = None, image_dir: str | None = None, dataset_name: str | None = None,
+                    train_file: str | None = None, validation_file: str | None = None) -> ImageCollection:
+    """The collection named by run_dsi_image.py's data flags (exactly one layout)."""
+    given = [flag for flag, value in (("--karpathy_json", karpathy_json), ("--dataset_name", dataset_name),
+                                      ("--train_file", train_file)) if value]
+    if len(given) != 1:
+        raise CollectionError(f"Pass exactly one of --karpathy_json, --dataset_name or --train_file (got "
+                              f"{', '.join(given) or 'none'}).")
+    if karpathy_json:
+        if not image_dir:
+            raise CollectionError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
+        return load_karpathy(karpathy_json, image_dir)
+    if dataset_name:
+        return load_hub_parquet(dataset_name)
+    return load_jsonl(train_file, validation_file, image_dir)
+
+
 def _image_problem(value) -> str | None:
     """None if the image decodes completely, else what is wrong (JPEGs decode at reduced size: fast)."""
     try:
@@ -239,5 +256,5 @@ def check_images(collection: ImageCollection, skip_bad_images: bool = False, num
     return ImageCollection(collection.images.select(keep), captions, collection.source)
 
 
-__all__ = ["ImageCollection", "CollectionError", "KNOWN_SPLITS", "load_karpathy", "load_hub_parquet", "load_jsonl",
+__all__ = ["ImageCollection", "CollectionError", "KNOWN_SPLITS", "load_collection", "load_karpathy", "load_hub_parquet", "load_jsonl",
            "check_images"]

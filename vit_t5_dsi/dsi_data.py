@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 
 from .dsi_splits import DSISplits
 from .image_index import ImageIndex
@@ -25,6 +26,12 @@ class ImageSource:
 
     def load(self, key: str):
         return load_rgb(self.dataset[self.position[key]]["image"])
+
+    def batches(self, keys, preprocessor: ImagePreprocessor, batch_size: int, desc: str | None = None):
+        """Pixel tensors for `keys`, batch by batch, in order (with a progress bar when `desc` is given)."""
+        starts = range(0, len(keys), batch_size)
+        for start in tqdm(starts, desc=desc, disable=desc is None, mininterval=1.0):
+            yield preprocessor([self.load(k) for k in keys[start:start + batch_size]])
 
 
 def _rows(keys, captions, kind, evaluate) -> datasets.Dataset:

@@ -27,13 +27,6 @@ class DSITrainer(Seq2SeqTrainer):
         self.retrieval_k = retrieval_k
         self.model_card_fn = model_card_fn
         self._image_embeddings = None
-        collator: DSICollator = self.data_collator
-        self.image_index = collator.index
-        # Evaluations during training run generation too: the search settings live on the model itself.
-        generation_config = getattr(self.model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.num_beams = retrieval_k
-            generation_config.num_return_sequences = retrieval_k
 
     @property
     def is_dual_encoder(self) -> bool:
@@ -66,13 +59,10 @@ class DSITrainer(Seq2SeqTrainer):
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         collator: DSICollator = self.data_collator
-        keys = collator.index.keys
-        batch_size = self.args.per_device_eval_batch_size
-        embeddings = []
-        for start in range(0, len(keys), batch_size):
-            pixels = collator.preprocessor([collator.images.load(k) for k in keys[start:start + batch_size]])
-            embeddings.append(model.encode_images(pixels.to(self.args.device)))
-        return torch.cat(embeddings)
+        batches = collator.images.batches(collator.index.keys, collator.preprocessor,
+                                          self.args.per_device_eval_batch_size,
+                                          desc="Embedding indexed images" if self.is_world_process_zero() else None)
+        return torch.cat([model.encode_images(pixels.to(self.args.device)) for pixels in batches])
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)
@@ -86,7 +76,8 @@ class DSITrainer(Seq2SeqTrainer):
                 queries = model.encode_texts(inputs["input_ids"], inputs.get("attention_mask"))
             ranking = rank_by_similarity(queries, self._image_embeddings, self.retrieval_k)
         else:
-            ranking = rank_by_generation(model, self.image_index, self.retrieval_k, **inputs)
+            # the search settings are passed here, so evaluations during training search exactly as the final one
+            ranking = rank_by_generation(model, model.image_index, self.retrieval_k, **inputs)
         positions = torch.as_tensor(ranking.positions, device=gold.device)
         return None, positions, torch.stack([gold, query_id], dim=1)
 
