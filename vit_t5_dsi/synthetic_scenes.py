@@ -122,8 +122,8 @@ def generate_scenes(output_dir: str, num_images: int = 1000, image_size: int = 6
                         "sentences": [{"raw": s, "tokens": s.split()} for s in sentences]})
     path = os.path.join(output_dir, "dataset_synthetic.json")
     handle, tmp = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump({"dataset": "synthetic_scenes", "seed": seed, "images": entries}, f)
+    with os.fdopen(handle, "w") as f:  # dumps (C encoder) then one write: json.dump streams in pure Python
+        f.write(json.dumps({"dataset": "synthetic_scenes", "seed": seed, "images": entries}))
     os.replace(tmp, path)
     return path
 
