@@ -251,6 +251,22 @@ def build_index(model_args, model, tokenizer, splits, images, preprocessor, resu
     return index
 
 
+def share_from_main_process(index: ImageIndex | None, tokenizer, training_args) -> ImageIndex:
+    """Every process must train on the same ids: the main process builds them, the others receive them (k-means
+    or float differences could otherwise give each process its own labels)."""
+    if training_args.world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        payload = [index.to_dict() if index is not None else None]
+        broadcast_object_list(payload, from_process=0)
+        index = ImageIndex.from_dict(payload[0])
+        missing = [t for t in index.added_tokens if t not in tokenizer.get_vocab()]
+        if missing:  # atomic ids: the main process added these tokens to its tokenizer
+            tokenizer.add_tokens(missing)
+        index.check_tokenizer(tokenizer)
+    return index
+
+
 def main(argv=None):
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
@@ -280,7 +296,10 @@ def main(argv=None):
     preprocessor = ImagePreprocessor.for_model_config(model.config, model_args.vision_model_name_or_path or
                                                       model_args.model_name_or_path)
     images = ImageSource(splits.index)
-    index = build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, training_args.seed)
+    index = None
+    if training_args.process_index == 0:
+        index = build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, training_args.seed)
+    index = share_from_main_process(index, tokenizer, training_args)
     index.resize_model_embeddings(model)
     model.image_index = index
 

@@ -131,12 +131,14 @@ def test_two_processes_count_every_query_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train(tmp_path):
+@pytest.mark.parametrize("scheme", ["semantic", "atomic"])
+def test_two_processes_train(tmp_path, scheme):
+    """Both processes train on the ids the main process built (atomic ids also add tokens on every process)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 os.path.join(ROOT, "run_dsi_image.py")]
-    result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "4"), launcher=launcher,
-                        env={"MASTER_PORT": "29534"})
+    result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "4", "--docid_scheme", scheme),
+                        launcher=launcher, env={"MASTER_PORT": "29534" if scheme == "semantic" else "29535"})
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["world_size"] == 2 and "eval_hits@10" in results

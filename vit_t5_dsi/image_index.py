@@ -153,15 +153,18 @@ class ImageIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ImageIndex":
-        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else str(path)
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+    def from_dict(cls, data: dict, source: str = "image index") -> "ImageIndex":
         try:
             return cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
                        data["pad_token_id"], data.get("added_tokens", []))
         except KeyError as err:
-            raise ValueError(f"{path}: image index is missing the field {err.args[0]!r}.") from err
+            raise ValueError(f"{source}: image index is missing the field {err.args[0]!r}.") from err
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ImageIndex":
+        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else str(path)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), path)
 
     @classmethod
     def from_pretrained_if_present(cls, name_or_path: str | os.PathLike) -> "ImageIndex | None":
