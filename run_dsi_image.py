@@ -64,7 +64,9 @@ class ModelArguments:
     alignment_loss_weight: float = field(default=0.0, metadata={
         "help": "Generative variants: weight of a contrastive image-caption alignment loss (0 = off)."})
     semantic_num_clusters: int = field(default=10, metadata={"help": "semantic ids: k-means branches per level."})
-    semantic_max_leaf_size: int = field(default=100, metadata={"help": "semantic ids: images per leaf at most."})
+    semantic_max_leaf_size: int | None = field(default=None, metadata={
+        "help": "semantic ids: images per leaf at most. Default 100 (DSI's c); the built-in demo uses 10, since "
+                "with 300 images c=100 leaves the last id token an arbitrary position among ~100 images."})
     semantic_embeddings: str | None = field(default=None, metadata={
         "help": "semantic ids from this .npy (one row per indexed image, in index order) or from this trained "
                 "dual_encoder checkpoint directory. Default: the model's own image tower."})
@@ -229,7 +231,8 @@ def image_embeddings_for_semantic_ids(model_args, model, keys, images: ImageSour
     return torch.cat(rows).float().numpy()
 
 
-def build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, seed) -> ImageIndex:
+def build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, seed,
+                is_demo: bool = False) -> ImageIndex:
     keys = splits.index["image_key"][:]
     for source in (resume_dir, model_args.model_name_or_path):
         if source is None:
@@ -245,8 +248,9 @@ def build_index(model_args, model, tokenizer, splits, images, preprocessor, resu
     embeddings = None
     if scheme == "semantic":
         embeddings = image_embeddings_for_semantic_ids(model_args, model, keys, images, preprocessor)
-    index = ImageIndex.build(keys, tokenizer, scheme, embeddings, model_args.semantic_num_clusters,
-                             model_args.semantic_max_leaf_size, seed)
+    max_leaf_size = model_args.semantic_max_leaf_size or (10 if is_demo else 100)
+    index = ImageIndex.build(keys, tokenizer, scheme, embeddings, model_args.semantic_num_clusters, max_leaf_size,
+                             seed)
     logger.info("Built %s ids for %d images (at most %d tokens).", scheme, len(index), index.max_id_length)
     return index
 
@@ -298,7 +302,8 @@ def main(argv=None):
     images = ImageSource(splits.index)
     index = None
     if training_args.process_index == 0:
-        index = build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, training_args.seed)
+        index = build_index(model_args, model, tokenizer, splits, images, preprocessor, resume_dir, training_args.seed,
+                            data_args.is_demo)
     index = share_from_main_process(index, tokenizer, training_args)
     index.resize_model_embeddings(model)
     model.image_index = index

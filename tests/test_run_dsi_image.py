@@ -197,3 +197,17 @@ def test_bad_flags_fail_before_training(tmp_path, extra, message):
 def test_bf16_training_steps(tmp_path):
     metrics = run_dsi_image.main(tiny_args(tmp_path, "--bf16", "True", "--use_cpu", "True", "--max_steps", "3"))
     assert np.isfinite(metrics["train_loss"]) and "eval_hits@10" in metrics
+
+
+def test_demo_uses_small_semantic_leaves_unless_told_otherwise(tmp_path):
+    def args(*extra):
+        base = tiny_args(tmp_path, "--max_steps", "1", "--do_eval", "False", *extra)
+        i = base.index("--semantic_max_leaf_size")
+        return base[:i] + base[i + 2:] if not extra else base
+
+    run_dsi_image.main(args())  # the demo's own default: leaves of at most 10 images
+    ids = json.loads((tmp_path / "out" / "image_index.json").read_text())["id_strings"]
+    assert all(len(i.split()) >= 2 for i in ids) and max(int(i.split()[-1]) for i in ids) < 10
+    run_dsi_image.main(args("--semantic_max_leaf_size", "100"))  # DSI's c: 40 images fit one leaf
+    ids = json.loads((tmp_path / "out" / "image_index.json").read_text())["id_strings"]
+    assert all(len(i.split()) == 1 for i in ids)
