@@ -133,15 +133,19 @@ class DSITrainingArguments(Seq2SeqTrainingArguments):
         "help": "Allow --fp16 with T5, which overflows to NaN losses in fp16; prefer --bf16 (or fp32)."})
 
 
-class SaveImageProcessorCallback(TrainerCallback):
-    """Each checkpoint carries the image processor, so any of them loads and retrieves on its own."""
+class SaveRetrievalFilesCallback(TrainerCallback):
+    """Each checkpoint carries what retrieval needs besides the weights: the image processor and, for the dual
+    encoder, the indexed images' embeddings, so any checkpoint loads into `DSIRetriever` on its own."""
 
-    def __init__(self, preprocessor: ImagePreprocessor):
-        self.preprocessor = preprocessor
+    def __init__(self, preprocessor: ImagePreprocessor, embed_index=None):
+        self.preprocessor, self.embed_index = preprocessor, embed_index
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.preprocessor.save_pretrained(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.preprocessor.save_pretrained(checkpoint)
+            if self.embed_index is not None:
+                save_image_embeddings(checkpoint, self.embed_index())
 
 
 def parse_args(argv=None):
@@ -278,6 +282,8 @@ def main(argv=None):
                             logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
     check_arguments(model_args, data_args, training_args)
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinning only helps copies to an accelerator
     set_seed(training_args.seed)
     logger.info("world size %d, device %s, variant %s", training_args.world_size, training_args.device,
                 model_args.variant)
@@ -326,8 +332,9 @@ def main(argv=None):
     final_metrics: dict[str, float] = {}
     trainer = DSITrainer(model=model, args=training_args, train_dataset=train_dataset if training_args.do_train
                          else None, data_collator=collator, processing_class=tokenizer, eval_sets=eval_sets,
-                         retrieval_k=training_args.retrieval_k, model_card_fn=model_card,
-                         callbacks=[SaveImageProcessorCallback(preprocessor)])
+                         retrieval_k=training_args.retrieval_k, model_card_fn=model_card)
+    trainer.add_callback(SaveRetrievalFilesCallback(preprocessor, trainer.embed_index if trainer.is_dual_encoder
+                                                    else None))
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_dir)

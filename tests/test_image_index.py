@@ -253,3 +253,21 @@ def test_ranking_metrics_count_repeated_queries_once():
     metrics = compute_ranking_metrics(ks=(1, 2), mrr_k=2)(EvalPrediction(predictions=ranked, label_ids=labels))
     assert metrics["num_queries"] == 3
     assert metrics["hits@1"] == pytest.approx(1 / 3) and metrics["hits@2"] == pytest.approx(2 / 3)
+
+
+def test_evaluate_metric_matches_the_pure_functions(tmp_path):
+    import evaluate
+
+    from vit_t5_dsi.hits_metric import RetrievalHits
+
+    metric = RetrievalHits(cache_dir=str(tmp_path))
+    metric.add_batch(predictions=[[3, 1, 2], [0, 0, 5]], references=[1, 5])
+    metric.add_batch(predictions=[[-1, 4], [7]], references=[4, 6])  # ragged lists are padded with misses
+    result = metric.compute(ks=[1, 2, 3], mrr_k=3)
+    assert result == pytest.approx({"hits@1": 0.0, "hits@2": 0.5, "hits@3": 0.75,
+                                    "mrr@3": (1 / 2 + 1 / 3 + 1 / 2 + 0) / 4})
+    import vit_t5_dsi.hits_metric as module
+
+    loaded = evaluate.load(module.__file__, cache_dir=str(tmp_path))  # the evaluate.load path, offline
+    assert loaded.compute(predictions=[[5, 6]], references=[6], ks=[1, 2], mrr_k=2) == {
+        "hits@1": 0.0, "hits@2": 1.0, "mrr@2": 0.5}

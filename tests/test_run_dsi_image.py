@@ -33,7 +33,8 @@ def run_script(args, env=None, timeout=600, launcher=None):
 @pytest.mark.parametrize("variant, scheme", [("cross_attention", "semantic"), ("codebook", "naive"),
                                              ("dual_encoder", "naive")])
 def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, variant, scheme):
-    metrics = run_dsi_image.main(tiny_args(tmp_path, "--variant", variant, "--docid_scheme", scheme))
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--variant", variant, "--docid_scheme", scheme,
+                                           "--save_strategy", "steps", "--save_steps", "2"))
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     for key in METRIC_KEYS:
         assert key in results and 0.0 <= results[key] <= 1.0, key
@@ -43,6 +44,14 @@ def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, varian
     assert (tmp_path / "out" / "image_index.json").exists()
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"`{variant}`" in card and "| held-out captions |" in card and "trust_remote_code=True" in card
+    from vit_t5_dsi import DSIRetriever
+
+    checkpoint = max((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # a mid-run checkpoint retrieves on its own too
+    assert (checkpoint / "preprocessor_config.json").exists()
+    hits = DSIRetriever.from_pretrained(str(checkpoint), device="cpu").retrieve(["a red circle"], k=3)[0]
+    keys = json.loads((tmp_path / "out" / "image_index.json").read_text())["keys"]
+    assert len(hits) >= 1 and {key for key, _ in hits} <= set(keys)
 
 
 def test_demo_checkpoint_retrieves_in_a_fresh_process(tmp_path):
