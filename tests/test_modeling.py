@@ -105,6 +105,20 @@ def test_codebook_straight_through_trains_projection_and_frozen_does_not(tokeniz
     assert all(p.grad is None for p in frozen.vision_model.parameters())
 
 
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_codebook_visual_tokens_differ_between_images(straight_through):
+    """Guards against codebook collapse: a fresh model must not snap every image to the same visual tokens."""
+    model = ViTT5DSIForConditionalGeneration(tiny_config("codebook", codebook_straight_through=straight_through))
+    tokens = []
+    with torch.no_grad():
+        for seed in range(8):
+            torch.manual_seed(seed)
+            _, token_ids = model.visual_tokens(model.vision_states(torch.randn(1, 3, 32, 32)))
+            tokens.append(tuple(token_ids.flatten().tolist()))
+    assert len(set(tokens)) == 8
+    assert len({t for sequence in tokens for t in sequence}) > 8
+
+
 def test_alignment_loss_adds_a_term(tokenizer):
     pixel_values, text, _ = make_batch(tokenizer)
     labels = torch.tensor([[4, 1], [5, 1], [4, 1], [6, 1]])  # caption 0 matches image 0

@@ -197,22 +197,27 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
             return self.visual_projection(states), None
         return self._codebook_encoder_states(states)
 
-    def _codebook_encoder_states(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Snap projected patch states to T5's input embeddings (visual tokens) and read them with T5's encoder."""
+    def visual_tokens(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook variant: pooled, projected patch states (B, n, d_model) and their visual token ids (B, n)."""
         if isinstance(self.vision_model, ViTModel):
             states = states[:, 1:]  # patch tokens only, not [CLS]
         pooled = F.adaptive_avg_pool1d(states.transpose(1, 2), self.config.codebook_num_tokens).transpose(1, 2)
         codebook = self.get_input_embeddings().weight
-        straight_through = self.config.codebook_straight_through
-        with torch.set_grad_enabled(straight_through and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.config.codebook_straight_through and torch.is_grad_enabled()):
             projected = self.visual_projection(pooled).to(codebook.dtype)
         with torch.no_grad():
-            distances = (projected.pow(2).sum(-1, keepdim=True) - 2 * projected @ codebook.T
-                         + codebook.pow(2).sum(-1))
-            token_ids = distances.argmin(-1)
-        if not straight_through:  # the seed's gradient-free lookup: plain token ids into T5's encoder
+            # Nearest row by cosine, not Euclidean distance: while the projection's outputs are small (as at
+            # initialisation), the Euclidean nearest row is the smallest-norm embedding for every slot of every
+            # image, and the commitment loss then keeps the codebook collapsed onto that one token.
+            token_ids = (F.normalize(projected, dim=-1) @ F.normalize(codebook, dim=-1).T).argmax(-1)
+        return projected, token_ids
+
+    def _codebook_encoder_states(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Snap projected patch states to T5's input embeddings (visual tokens) and read them with T5's encoder."""
+        projected, token_ids = self.visual_tokens(states)
+        if not self.config.codebook_straight_through:  # the seed's gradient-free lookup: plain token ids
             return self.language_model.encoder(input_ids=token_ids).last_hidden_state, None
-        quantized = codebook[token_ids].detach()
+        quantized = self.get_input_embeddings().weight[token_ids].detach()
         visual_tokens = projected + (quantized - projected).detach()  # straight-through estimator
         commitment = self.config.codebook_commitment_weight * F.mse_loss(projected, quantized)
         return self.language_model.encoder(inputs_embeds=visual_tokens).last_hidden_state, commitment
