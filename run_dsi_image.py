@@ -60,7 +60,9 @@ class ModelArguments:
     codebook_num_tokens: int = field(default=16, metadata={"help": "codebook: visual tokens per image."})
     codebook_straight_through: bool = field(default=True, metadata={
         "help": "codebook: learn the projection (straight-through estimator). False: the seed's frozen lookup."})
-    codebook_commitment_weight: float = field(default=0.25, metadata={"help": "codebook: commitment loss weight."})
+    codebook_commitment_weight: float = field(default=0.01, metadata={
+        "help": "codebook: commitment loss weight. Larger values (VQ-VAE's 0.25) collapse every patch onto one "
+                "token, since T5's embedding matrix is a fixed codebook."})
     alignment_loss_weight: float = field(default=0.0, metadata={
         "help": "Generative variants: weight of a contrastive image-caption alignment loss (0 = off)."})
     semantic_num_clusters: int = field(default=10, metadata={"help": "semantic ids: k-means branches per level."})
