@@ -41,7 +41,7 @@ class ImageCollection:
         return len(self.images)
 
 
-def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollection:
+def _check_keys(keys, caption_keys, source) -> None:
     seen = {}
     for i, key in enumerate(keys):
         if key in seen:
@@ -50,9 +50,16 @@ def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollect
     for i, key in enumerate(caption_keys):
         if key not in seen:
             raise CollectionError(f"{source}: caption #{i} refers to unknown image {key!r}.")
+
+
+def _captions(caption_keys, captions) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions})
+
+
+def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollection:
+    _check_keys(keys, caption_keys, source)
     image_ds = datasets.Dataset.from_dict({"image_key": keys, "image": images, "split": splits})
-    caption_ds = datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions})
-    return ImageCollection(image_ds, caption_ds, source)
+    return ImageCollection(image_ds, _captions(caption_keys, captions), source)
 
 
 def _check_split(source, item, split):
@@ -129,12 +136,12 @@ def load_hub_parquet(path_or_name: str, require_captions: bool = True) -> ImageC
             _check_caption(path_or_name, item, j, caption)
             caption_keys.append(key)
             captions.append(caption.strip())
-    collection = _build(list(filenames), [None] * len(table), list(split_column), caption_keys, captions,
-                        path_or_name)
+    _check_keys(filenames, caption_keys, path_or_name)
     # the image bytes stay in the (memory-mapped) parquet table; only keys and splits are new columns
     images = table.select_columns(["image"]).add_column("image_key", list(filenames)).add_column(
         "split", list(split_column))
-    return ImageCollection(images.select_columns(["image_key", "image", "split"]), collection.captions, path_or_name)
+    return ImageCollection(images.select_columns(["image_key", "image", "split"]), _captions(caption_keys, captions),
+                           path_or_name)
 
 
 def _read_jsonl(path: str):

@@ -138,11 +138,6 @@ class ViTT5DSIConfig(PreTrainedConfig):
         return cls(vision_config=ViTConfig(**preset["vision"]), text_config=T5Config(**text), variant=variant,
                    **kwargs)
 
-    @classmethod
-    def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig,
-                                 **kwargs) -> "ViTT5DSIConfig":
-        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
-
     @property
     def image_size(self) -> int:
         """Square input resolution of the image tower."""
