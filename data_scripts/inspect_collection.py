@@ -14,8 +14,9 @@ import sys
 
 from transformers import HfArgumentParser
 
-from run_dsi_image import DataArguments
-from vit_t5_dsi.collection import CollectionError, check_images, load_collection
+from vit_t5_dsi.arguments import DataArguments
+from vit_t5_dsi.collection import check_images, load_collection
+from vit_t5_dsi.errors import CollectionError
 from vit_t5_dsi.dsi_splits import build_dsi_splits
 
 

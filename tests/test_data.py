@@ -9,7 +9,7 @@ from PIL import Image
 
 from vit_t5_dsi.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
 from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.image_processing import ImagePreprocessor, load_rgb, to_rgb
+from vit_t5_dsi.image_processing import load_rgb, to_rgb
 from vit_t5_dsi.synthetic_scenes import generate_scenes, sample_scenes
 
 
@@ -161,9 +161,9 @@ def test_seen_protocol_holds_out_captions_of_training_images(tmp_path):
 
 def test_protocol_errors(tmp_path):
     collection = fake_collection(tmp_path, 10, 2, 0)
-    with pytest.raises(CollectionError, match="--num_eval_images 5"):
+    with pytest.raises(CollectionError, match="num_eval_images=5"):
         build_dsi_splits(collection, num_eval_images=5)
-    with pytest.raises(CollectionError, match="--num_index_images 50"):
+    with pytest.raises(CollectionError, match="num_index_images=50"):
         build_dsi_splits(collection, num_index_images=50)
 
 
@@ -217,18 +217,22 @@ def test_palette_with_transparency_uses_white(tmp_path):
     assert load_rgb(str(tmp_path / "p.png")).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_preprocessor_output_shape():
+def test_processor_output_shape(tokenizer):
     from conftest import tiny_config
+    from vit_t5_dsi import ViTT5DSIProcessor
 
-    preprocessor = ImagePreprocessor.for_model_config(tiny_config(), augment=True)
-    pixels = preprocessor([Image.new("RGBA", (50, 40)), Image.new("L", (64, 64))])
-    assert pixels.shape == (2, 3, 32, 32)
+    processor = ViTT5DSIProcessor.for_model(tiny_config(), tokenizer, max_caption_length=4)
+    batch = processor(images=[Image.new("RGBA", (50, 40)), Image.new("L", (64, 64))],
+                      text=["a large red circle in the top left", "a square"])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape == (2, 4)  # truncated to max_caption_length
 
 
 def test_collator_augments_training_rows_only(tmp_path, tokenizer):
     import torch
 
     from conftest import tiny_config
+    from vit_t5_dsi import ViTT5DSIProcessor
     from vit_t5_dsi.dsi_data import DSICollator, ImageSource, evaluation_sets, training_stream
     from vit_t5_dsi.image_index import ImageIndex
 
@@ -236,9 +240,13 @@ def test_collator_augments_training_rows_only(tmp_path, tokenizer):
     splits = build_dsi_splits(load_karpathy(path, str(tmp_path / "images")), seen_captions_per_image=1)
     keys = splits.index["image_key"][:]
     index = ImageIndex.build(keys, tokenizer, "naive")
-    plain = ImagePreprocessor.for_model_config(tiny_config())
-    collator = DSICollator(index, ImageSource(splits.index), plain, tokenizer, "cross_attention",
-                           train_preprocessor=ImagePreprocessor(plain.processor, augment=True))
+    processor = ViTT5DSIProcessor.for_model(tiny_config(), tokenizer)
+    collator = DSICollator(index, ImageSource(splits.index), processor, "cross_attention", augment=True)
+    train_rows = [{**row, "evaluate": False} for row in (evaluation_sets(splits)["index"][i] for i in range(4))]
+    torch.manual_seed(0)
+    first_train = collator(train_rows)["pixel_values"]
+    torch.manual_seed(1)
+    assert not torch.equal(first_train, collator(train_rows)["pixel_values"])  # training rows are augmented
     eval_rows = [evaluation_sets(splits)["index"][i] for i in range(4)]
     torch.manual_seed(0)
     first = collator(eval_rows)["pixel_values"]

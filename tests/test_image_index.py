@@ -144,7 +144,7 @@ def test_semantic_ids_terminate_on_identical_embeddings():
 def test_semantic_scheme_needs_embeddings(tokenizer):
     with pytest.raises(ValueError, match="embeddings"):
         ImageIndex.build(KEYS, tokenizer, "semantic")
-    with pytest.raises(ValueError, match="docid_scheme"):
+    with pytest.raises(ValueError, match="scheme='random'"):
         ImageIndex.build(KEYS, tokenizer, "random")
 
 
@@ -179,7 +179,9 @@ def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
     index = build(tokenizer, "naive")
     index.save(tmp_path)
     original = (tmp_path / "image_index.json").read_text()
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    import vit_t5_dsi.atomic_io
+
+    monkeypatch.setattr(vit_t5_dsi.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         index.save(tmp_path)
     assert (tmp_path / "image_index.json").read_text() == original

@@ -1,9 +1,10 @@
 """vit-t5-dsi: generative text-to-image retrieval (a Differentiable Search Index over images)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
 
 from .configuration_vit_t5_dsi import ViTT5DSIConfig
 from .image_index import ImageIndex
+from .processing_vit_t5_dsi import ViTT5DSIProcessor
 from .retriever import DSIRetriever
 from .modeling_vit_t5_dsi import (
     ViTT5DSIDualEncoderModel,
@@ -17,7 +18,8 @@ from .modeling_vit_t5_dsi import (
 AutoConfig.register(ViTT5DSIConfig.model_type, ViTT5DSIConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(ViTT5DSIConfig, ViTT5DSIForConditionalGeneration, exist_ok=True)
 AutoModel.register(ViTT5DSIConfig, ViTT5DSIDualEncoderModel, exist_ok=True)
+AutoProcessor.register(ViTT5DSIConfig, ViTT5DSIProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
-           "ViTT5DSIPreTrainedModel", "ImageIndex", "DSIRetriever", "load_dsi_model", "model_class_for_variant"]
+           "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever", "load_dsi_model", "model_class_for_variant"]

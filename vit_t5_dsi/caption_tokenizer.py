@@ -26,8 +26,18 @@ def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 1024) -> 
     tokenizer.train_from_iterator(captions, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", 1)])
+    return _wrap(tokenizer)
+
+
+def caption_tokenizer_from_str(serialized: str) -> PreTrainedTokenizerFast:
+    """The tokenizer whose `backend_tokenizer.to_str()` is `serialized` (how other processes receive the one the
+    main process trained: BPE training is not deterministic across processes)."""
+    return _wrap(Tokenizer.from_str(serialized))
+
+
+def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=512)
 
 
-__all__ = ["train_caption_tokenizer"]
+__all__ = ["train_caption_tokenizer", "caption_tokenizer_from_str"]

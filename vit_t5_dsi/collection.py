@@ -18,6 +18,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .errors import CollectionError
 from .image_processing import open_image
 
 logger = logging.getLogger(__name__)
@@ -25,13 +26,10 @@ logger = logging.getLogger(__name__)
 KNOWN_SPLITS = ("train", "val", "test", "restval")
 
 
-class CollectionError(ValueError):
-    """Bad input in a collection; the message names the file and the item."""
-
-
 @dataclass
 class ImageCollection:
-    """`images`: image_key, image (path or {"bytes", "path"}), split. `captions`: image_key, caption."""
+    """`images`: image_key, image (path or {"bytes", "path"}), split. `captions`: image_key, caption,
+    evaluation_only (True for captions the data files reserve for evaluation: they never reach training)."""
 
     images: datasets.Dataset
     captions: datasets.Dataset
@@ -52,14 +50,27 @@ def _check_keys(keys, caption_keys, source) -> None:
             raise CollectionError(f"{source}: caption #{i} refers to unknown image {key!r}.")
 
 
-def _captions(caption_keys, captions) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions})
+def _captions(caption_keys, captions, evaluation_only=None) -> datasets.Dataset:
+    flags = list(evaluation_only) if evaluation_only is not None else [False] * len(caption_keys)
+    return datasets.Dataset.from_dict({"image_key": caption_keys, "caption": captions, "evaluation_only": flags})
 
 
-def _build(keys, images, splits, caption_keys, captions, source) -> ImageCollection:
+def _build(keys, images, splits, caption_keys, captions, source, evaluation_only=None) -> ImageCollection:
     _check_keys(keys, caption_keys, source)
     image_ds = datasets.Dataset.from_dict({"image_key": keys, "image": images, "split": splits})
-    return ImageCollection(image_ds, _captions(caption_keys, captions), source)
+    return ImageCollection(image_ds, _captions(caption_keys, captions, evaluation_only), source)
+
+
+def _image_path(where: str, base: str, name) -> str:
+    """`name` joined to `base`, refused when it is absolute or climbs out of `base` (`..`): a data file must not
+    make the run read arbitrary files of the machine."""
+    if not isinstance(name, str) or not name.strip():
+        raise CollectionError(f"{where}: the image path is empty.")
+    normalised = os.path.normpath(name)
+    if os.path.isabs(name) or normalised == ".." or normalised.startswith(".." + os.sep):
+        raise CollectionError(f"{where}: image path {name!r} leaves the image directory {base!r} (absolute or '..' "
+                              "paths are refused).")
+    return os.path.join(base, normalised)
 
 
 def _check_split(source, item, split):
@@ -79,9 +90,9 @@ def load_karpathy(json_path: str, image_dir: str, require_captions: bool = True)
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError as err:
-        raise CollectionError(f"--karpathy_json {json_path}: no such file.") from err
+        raise CollectionError(f"{json_path}: no such file.") from err
     except json.JSONDecodeError as err:
-        raise CollectionError(f"--karpathy_json {json_path}: not valid JSON ({err}).") from err
+        raise CollectionError(f"{json_path}: not valid JSON ({err}).") from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CollectionError(f"{json_path}: no 'images' list; is this a Karpathy split file "
                               "(dataset_flickr30k.json / dataset_coco.json)?")
@@ -103,7 +114,7 @@ def load_karpathy(json_path: str, image_dir: str, require_captions: bool = True)
             caption_keys.append(key)
             captions.append(raw.strip())
         keys.append(key)
-        images.append(os.path.join(image_dir, key))
+        images.append(_image_path(f"{json_path}: {item}", image_dir, key))
         splits.append(split)
     return _build(keys, images, splits, caption_keys, captions, json_path)
 
@@ -113,7 +124,7 @@ def load_hub_parquet(path_or_name: str, require_captions: bool = True) -> ImageC
     if os.path.isdir(path_or_name):
         files = sorted(glob.glob(os.path.join(path_or_name, "**", "*.parquet"), recursive=True))
         if not files:
-            raise CollectionError(f"--dataset_name {path_or_name}: no .parquet files in this directory.")
+            raise CollectionError(f"{path_or_name}: no .parquet files in this directory.")
         table = datasets.load_dataset("parquet", data_files=files, split="train")
     else:
         loaded = datasets.load_dataset(path_or_name)
@@ -160,8 +171,9 @@ def _read_jsonl(path: str):
 def load_jsonl(train_file: str, validation_file: str | None = None, image_dir: str | None = None) -> ImageCollection:
     """The prototype's layout: {"image_id", "image"} rows to index, {"image_id", "caption"} rows to query.
 
-    Captions in `validation_file` are evaluation queries: their images (indexed in either file) are held out
-    from retrieval training, unless training captions exist for them too.
+    Captions in `validation_file` are evaluation queries and never training captions. Their images are held
+    out when no training caption names them; an image with captions in both files stays a training image and
+    its validation captions become "seen" queries.
     """
     images, train_captions, eval_captions = {}, [], []
     for path, caption_list in ((train_file, train_captions), (validation_file, eval_captions)):
@@ -177,7 +189,7 @@ def load_jsonl(train_file: str, validation_file: str | None = None, image_dir: s
             if "image" in row:
                 if key in images:
                     raise CollectionError(f"{path}:{number}: duplicate image key {key!r}.")
-                images[key] = os.path.join(base, row["image"])
+                images[key] = _image_path(f"{path}:{number}", base, row["image"])
             if "caption" in row:
                 _check_caption(f"{path}:{number}", f"image {key!r}", 0, row["caption"])
                 caption_list.append((key, row["caption"].strip(), f"{path}:{number}"))
@@ -189,21 +201,22 @@ def load_jsonl(train_file: str, validation_file: str | None = None, image_dir: s
     keys = list(images)
     splits = ["test" if key in evaluated and key not in trained else "train" for key in keys]
     all_captions = train_captions + eval_captions
+    evaluation_only = [False] * len(train_captions) + [True] * len(eval_captions)
     return _build(keys, [images[k] for k in keys], splits, [k for k, _, _ in all_captions],
-                  [c for _, c, _ in all_captions], train_file)
+                  [c for _, c, _ in all_captions], train_file, evaluation_only)
 
 
 def load_collection(karpathy_json: str | None = None, image_dir: str | None = None, dataset_name: str | None = None,
                     train_file: str | None = None, validation_file: str | None = None) -> ImageCollection:
     """The collection named by run_dsi_image.py's data flags (exactly one layout)."""
-    given = [flag for flag, value in (("--karpathy_json", karpathy_json), ("--dataset_name", dataset_name),
-                                      ("--train_file", train_file)) if value]
+    given = [name for name, value in (("karpathy_json", karpathy_json), ("dataset_name", dataset_name),
+                                      ("train_file", train_file)) if value]
     if len(given) != 1:
-        raise CollectionError(f"Pass exactly one of --karpathy_json, --dataset_name or --train_file (got "
+        raise CollectionError(f"Pass exactly one of karpathy_json, dataset_name or train_file (got "
                               f"{', '.join(given) or 'none'}).")
     if karpathy_json:
         if not image_dir:
-            raise CollectionError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
+            raise CollectionError("karpathy_json needs image_dir (the directory its file names are relative to).")
         return load_karpathy(karpathy_json, image_dir)
     if dataset_name:
         return load_hub_parquet(dataset_name)
@@ -250,12 +263,12 @@ def check_images(collection: ImageCollection, skip_bad_images: bool = False, num
     if not skip_bad_images:
         first, problem = bad[0]
         raise CollectionError(f"{problem}: {where(first)}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                              + ". Fix it, or pass --skip_bad_images to leave such images out.")
+                              + ". Fix it, or pass skip_bad_images=True (--skip_bad_images) to leave such images out.")
     bad_keys = {keys[i] for i, _ in bad}
     for i, problem in bad:
         logger.warning("Skipping %s: %s", where(i), problem)
     dropped_captions = sum(1 for k in collection.captions["image_key"][:] if k in bad_keys)
-    logger.warning("--skip_bad_images: left out %d of %d images (%s) and their %d captions.", len(bad),
+    logger.warning("skip_bad_images: left out %d of %d images (%s) and their %d captions.", len(bad),
                    len(problems), ", ".join(sorted(bad_keys)[:20]) + (" ..." if len(bad) > 20 else ""),
                    dropped_captions)
     keep = [i for i in range(len(problems)) if problems[i] is None]

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .dsi_splits import DSISplits
 from .image_index import ImageIndex
-from .image_processing import ImagePreprocessor, load_rgb
+from .image_processing import load_rgb
 
 INDEXING, RETRIEVAL = 0, 1  # `kind` of a row: image -> id, or caption -> id
 
@@ -27,11 +27,11 @@ class ImageSource:
     def load(self, key: str):
         return load_rgb(self.dataset[self.position[key]]["image"])
 
-    def batches(self, keys, preprocessor: ImagePreprocessor, batch_size: int, desc: str | None = None):
+    def batches(self, keys, processor, batch_size: int, desc: str | None = None):
         """Pixel tensors for `keys`, batch by batch, in order (with a progress bar when `desc` is given)."""
         starts = range(0, len(keys), batch_size)
         for start in tqdm(starts, desc=desc, disable=desc is None, mininterval=1.0):
-            yield preprocessor([self.load(k) for k in keys[start:start + batch_size]])
+            yield processor(images=[self.load(k) for k in keys[start:start + batch_size]])["pixel_values"]
 
 
 def _rows(keys, captions, kind, evaluate) -> datasets.Dataset:
@@ -55,18 +55,21 @@ def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | Non
     if indexing_ratio is None:
         return datasets.concatenate_datasets([indexing, retrieval]).shuffle(seed=seed)
     if not 0.0 < indexing_ratio < 1.0:
-        raise ValueError(f"--indexing_ratio must be in (0, 1], got {indexing_ratio}.")
+        raise ValueError(f"indexing_ratio must be in (0, 1], got {indexing_ratio}.")
     return datasets.interleave_datasets([indexing, retrieval], probabilities=[indexing_ratio, 1 - indexing_ratio],
                                         seed=seed, stopping_strategy="all_exhausted")
 
 
 def evaluation_sets(splits: DSISplits, max_index_eval_images: int | None = None) -> dict[str, datasets.Dataset]:
-    """Metric prefix -> query rows: `eval` (captions of held-out images), `seen`, `index` (image -> id)."""
+    """Metric prefix -> query rows: `eval` (captions of held-out images), `seen`, `index` (image -> id, on at most
+    `max_index_eval_images` images spread over the index; 0 leaves it out, None measures every image)."""
     sets = {}
     if len(splits.eval_queries):
         sets["eval"] = _rows(splits.eval_queries["image_key"][:], splits.eval_queries["caption"][:], RETRIEVAL, True)
     if len(splits.seen_queries):
         sets["seen"] = _rows(splits.seen_queries["image_key"][:], splits.seen_queries["caption"][:], RETRIEVAL, True)
+    if max_index_eval_images == 0:  # indexing accuracy not measured
+        return sets
     keys = splits.index["image_key"][:]
     if max_index_eval_images is not None:
         keys = keys[:: max(1, len(keys) // max_index_eval_images)][:max_index_eval_images]
@@ -78,21 +81,26 @@ class DSICollator:
     """Rows -> model inputs. Training rows: images first, then captions, with identifier `labels` (generative)
     or image-position `labels` (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
 
-    def __init__(self, index: ImageIndex, images: ImageSource, preprocessor: ImagePreprocessor, tokenizer,
-                 variant: str, max_caption_length: int = 64, train_preprocessor: ImagePreprocessor | None = None):
-        """`train_preprocessor` (e.g. with augmentation) serves training rows; evaluation always uses
-        `preprocessor`, also for evaluations during training."""
-        self.index, self.images, self.preprocessor, self.tokenizer = index, images, preprocessor, tokenizer
-        self.train_preprocessor = train_preprocessor or preprocessor
-        self.variant, self.max_caption_length = variant, max_caption_length
+    def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False):
+        """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
+        only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
+        jitter are left out: they would contradict captions that name sides and colours."""
+        self.index, self.images, self.processor, self.variant = index, images, processor, variant
+        self._crop = None
+        if augment:
+            from torchvision.transforms import RandomResizedCrop
+
+            size = processor.image_size
+            self._crop = RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(0.9, 1.1))
 
     def _pixels(self, keys, training: bool = False):
-        preprocessor = self.train_preprocessor if training else self.preprocessor
-        return preprocessor([self.images.load(k) for k in keys])
+        images = [self.images.load(k) for k in keys]
+        if training and self._crop is not None:
+            images = [self._crop(image) for image in images]
+        return self.processor(images=images)["pixel_values"]
 
     def _text(self, captions):
-        return self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_caption_length,
-                              return_tensors="pt")
+        return dict(self.processor(text=captions))
 
     def _labels(self, keys) -> torch.Tensor:
         labels = [self.index.labels_for(k) for k in keys]

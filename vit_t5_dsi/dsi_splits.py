@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
-from .collection import CollectionError, ImageCollection
+from .collection import ImageCollection
+from .errors import CollectionError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
         heldout_candidates = list(range(len(keys)))
     if num_eval_images is not None:
         if num_eval_images > len(heldout_candidates):
-            raise CollectionError(f"--num_eval_images {num_eval_images}: {collection.source} has only "
+            raise CollectionError(f"num_eval_images={num_eval_images}: {collection.source} has only "
                                   f"{len(heldout_candidates)} held-out candidate images (splits {heldout_splits}).")
         heldout = sorted(rng.choice(heldout_candidates, size=num_eval_images, replace=False).tolist())
     else:
@@ -61,7 +62,7 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
         wanted = num_index_images - len(heldout)
         if wanted < 0 or wanted > len(train_candidates):
             raise CollectionError(
-                f"--num_index_images {num_index_images}: needs {wanted} training images besides the {len(heldout)} "
+                f"num_index_images={num_index_images}: needs {wanted} training images besides the {len(heldout)} "
                 f"held-out ones, and {collection.source} has {len(train_candidates)}.")
         train = sorted(rng.choice(train_candidates, size=wanted, replace=False).tolist())
     else:
@@ -69,9 +70,12 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
     selected = sorted(heldout_set | set(train))
     index = collection.images.select(selected).remove_columns("split")
 
-    by_key = defaultdict(list)
-    for key, caption in zip(collection.captions["image_key"][:], collection.captions["caption"][:]):
-        by_key[key].append(caption)
+    by_key, reserved = defaultdict(list), defaultdict(list)  # reserved: captions the data marks evaluation-only
+    evaluation_only = (collection.captions["evaluation_only"][:] if "evaluation_only" in collection.captions.column_names
+                       else [False] * len(collection.captions))
+    for key, caption, only_eval in zip(collection.captions["image_key"][:], collection.captions["caption"][:],
+                                       evaluation_only):
+        (reserved if only_eval else by_key)[key].append(caption)
     train_pairs, seen_pairs, eval_pairs = [], [], []
     for i in train:
         captions = by_key.get(keys[i], [])
@@ -79,8 +83,9 @@ def build_dsi_splits(collection: ImageCollection, num_index_images: int | None =
         chosen = set(rng.choice(len(captions), size=held, replace=False).tolist()) if held else set()
         for j, caption in enumerate(captions):
             (seen_pairs if j in chosen else train_pairs).append((keys[i], caption))
+        seen_pairs.extend((keys[i], caption) for caption in reserved.get(keys[i], []))
     for i in heldout:
-        eval_pairs.extend((keys[i], caption) for caption in by_key.get(keys[i], []))
+        eval_pairs.extend((keys[i], caption) for caption in by_key.get(keys[i], []) + reserved.get(keys[i], []))
     if heldout and not eval_pairs:
         logger.warning("The %d held-out images have no captions: there are no evaluation queries.", len(heldout))
     result = DSISplits(index, *(_captions([k for k, _ in pairs], [c for _, c in pairs])

@@ -1,50 +1,117 @@
 """Seq2SeqTrainer for generative image retrieval: every evaluation ranks with the trie-constrained beam search.
 
-Hooks only (no hand-written loop): `evaluate` runs each query set under its own metric prefix (`eval_`, `seen_`,
-`index_`), `prediction_step` returns each query's ranked index positions with (gold position, query id) as labels:
+Hooks only (no hand-written loop). The trainer works with what it is given: a model that holds its
+`image_index`, the processor (`processing_class`, saved into every checkpoint), the collection's images and the
+query sets. `evaluate` runs each query set under its own metric prefix (`eval_`, `seen_`, `index_`);
+`prediction_step` returns each query's ranked index positions with (gold position, query id) as labels:
 distributed evaluation pads the last batches with repeated queries, and the metrics drop repeats by query id, so
 each query counts exactly once (reported as `<prefix>_num_queries`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import shutil
 
+import datasets
 import torch
 from transformers import Seq2SeqTrainer
 
-from .dsi_data import DSICollator
-from .metrics import compute_ranking_metrics
+from .dsi_data import DSICollator, ImageSource
+from .image_embeddings import embed_images
+from .metrics import compute_ranking_metrics, reported_ks
+from .model_card import render_model_card
 from .ranking import rank_by_generation, rank_by_similarity
+
+logger = logging.getLogger(__name__)
+
+# Files of a checkpoint that only resume training; everything else in it is the model a user loads.
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
 
 
 class DSITrainer(Seq2SeqTrainer):
-    def __init__(self, *args, eval_sets: dict | None = None, retrieval_k: int = 10, model_card_fn=None, **kwargs):
-        kwargs.setdefault("compute_metrics", compute_ranking_metrics(mrr_k=10))
-        kwargs.setdefault("eval_dataset", eval_sets)  # lets Trainer accept an eval_strategy
-        super().__init__(*args, **kwargs)
-        self.eval_sets = eval_sets or {}
-        self.retrieval_k = retrieval_k
-        self.model_card_fn = model_card_fn
+    """`DSITrainer(model, args, images=ImageSource(...), processing_class=processor, train_dataset=...,
+    eval_dataset={"eval": queries, ...})`. The collator is built from the model's index, the images and the
+    processor unless one is given; `args.retrieval_k` (default 10) sets the beams and the reported Hits@k."""
+
+    def __init__(self, model=None, args=None, *, images: ImageSource | None = None, augment: bool = False,
+                 retrieval_k: int | None = None, **kwargs):
+        if model is None or getattr(model, "image_index", None) is None:
+            raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
+        if kwargs.get("processing_class") is None:
+            raise ValueError("DSITrainer needs processing_class=ViTT5DSIProcessor(...): every checkpoint saves it.")
+        if images is None and kwargs.get("data_collator") is None:
+            raise ValueError("DSITrainer needs images=ImageSource(...) (the indexed images, looked up by key).")
+        if args is not None and args.remove_unused_columns:
+            logger.info("DSITrainer sets remove_unused_columns=False: its collator reads image_key/caption/kind.")
+            args.remove_unused_columns = False
+        self.retrieval_k = retrieval_k or getattr(args, "retrieval_k", 10)
+        if self.retrieval_k > len(model.image_index):
+            raise ValueError(f"retrieval_k={self.retrieval_k} is larger than the {len(model.image_index)} indexed "
+                             "images.")
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
+                                                  model.config.variant, augment)
+        kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
+                                                                     min(10, self.retrieval_k)))
+        super().__init__(model=model, args=args, **kwargs)
+        self.images = images if images is not None else self.data_collator.images
         self._image_embeddings = None
+
+    @property
+    def index(self):
+        return self.accelerator.unwrap_model(self.model).image_index
 
     @property
     def is_dual_encoder(self) -> bool:
         return self.model.config.variant == "dual_encoder"
 
+    # ----- evaluation --------------------------------------------------------------------------------
+    @property
+    def eval_sets(self) -> dict[str, datasets.Dataset]:
+        if isinstance(self.eval_dataset, dict):
+            return self.eval_dataset
+        return {"eval": self.eval_dataset} if self.eval_dataset is not None else {}
+
+    @contextlib.contextmanager
+    def _dense_index(self):
+        """The dual encoder searches embeddings of the current weights, computed here, where they are used."""
+        if self.is_dual_encoder:
+            self._image_embeddings = self.embed_index().to(self.args.device)
+        try:
+            yield
+        finally:
+            self._image_embeddings = None
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         """With no dataset: every query set of the protocol, each under its prefix, in one metrics dict."""
-        if self.is_dual_encoder:
-            self._image_embeddings = self.embed_index()
-        try:
+        with self._dense_index():
             if eval_dataset is not None:
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
             metrics = {}
             for prefix, dataset in self.eval_sets.items():
                 metrics.update(super().evaluate(dataset, ignore_keys, prefix, **gen_kwargs))
             return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
+        """Ranked index positions per query (`predictions`, (N, retrieval_k), -1 for an empty slot)."""
+        with self._dense_index():
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        """Evaluation never drops a last partial batch (every query counts), whatever --dataloader_drop_last says.
+        Trainer reads the flag from `args` inside this call, so it is switched off for the call alone."""
+        drop_last = self.args.dataloader_drop_last
+        if not is_training:
+            self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         finally:
-            self._image_embeddings = None
+            self.args.dataloader_drop_last = drop_last
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Loggers group `eval_*` keys under eval/: the seen and indexing sets join them there (eval/seen_hits@1,
@@ -53,16 +120,12 @@ class DSITrainer(Seq2SeqTrainer):
                    value for key, value in logs.items()}
         super().log(renamed, *args, **kwargs)
 
-    @torch.no_grad()
     def embed_index(self) -> torch.Tensor:
-        """Embeddings of every indexed image (dual encoder), in index order."""
+        """Embeddings of every indexed image, in index order (each process embeds its share)."""
         model = self.accelerator.unwrap_model(self.model)
-        model.eval()
-        collator: DSICollator = self.data_collator
-        batches = collator.images.batches(collator.index.keys, collator.preprocessor,
-                                          self.args.per_device_eval_batch_size,
-                                          desc="Embedding indexed images" if self.is_world_process_zero() else None)
-        return torch.cat([model.encode_images(pixels.to(self.args.device)) for pixels in batches])
+        return embed_images(model, model.image_index.keys, self.images, self.processing_class,
+                            self.args.per_device_eval_batch_size, self.args.device,
+                            desc="Embedding indexed images" if not self.args.disable_tqdm else None)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)
@@ -70,6 +133,8 @@ class DSITrainer(Seq2SeqTrainer):
         query_id = inputs.pop("query_id")
         model = self.accelerator.unwrap_model(model)
         if self.is_dual_encoder:
+            if self._image_embeddings is None:
+                raise RuntimeError("Dual-encoder predictions need the index embeddings: call evaluate() or predict().")
             if "pixel_values" in inputs:
                 queries = model.encode_images(inputs["pixel_values"])
             else:
@@ -81,14 +146,49 @@ class DSITrainer(Seq2SeqTrainer):
         positions = torch.as_tensor(ranking.positions, device=gold.device)
         return None, positions, torch.stack([gold, query_id], dim=1)
 
-    def create_model_card(self, *args, **kwargs):
-        """Our card (variant, identifiers, data, metrics, how to load and retrieve), not Trainer's generic one."""
-        if self.model_card_fn is not None and self.is_world_process_zero():
-            text = self.model_card_fn()
-            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-                f.write(text)
-        elif self.model_card_fn is None:
-            super().create_model_card(*args, **kwargs)
+    # ----- saving and pushing ---------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model's own `save_pretrained` writes weights, config, code and the image index; for the dual encoder
+        the index first gets the embeddings of the weights being saved, so every checkpoint searches on its own."""
+        if self.is_dual_encoder:
+            self.index.embeddings = self.embed_index()
+        super().save_model(output_dir, _internal_call)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer copies only weights and config from a checkpoint before pushing `output_dir`; the pushed repo
+        must also get the code files, the image index and the embeddings, so every model file is copied."""
+        if self.is_world_process_zero() and os.path.isdir(checkpoint_folder):
+            for name in os.listdir(checkpoint_folder):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source) and name not in RESUME_ONLY_FILES and not name.startswith("rng_state"):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | None = None,
+                          dataset_tags: str | list[str] | None = None, **kwargs) -> None:
+        """Our card (variant, identifiers, data, metrics from `all_results.json`, how to load and retrieve), not
+        Trainer's generic one. `dataset` describes the collection; `push_to_hub(dataset=...)` passes it here."""
+        if not self.is_world_process_zero():
+            return
+        results_path = os.path.join(self.args.output_dir, "all_results.json")
+        metrics = {}
+        if os.path.exists(results_path):
+            with open(results_path, encoding="utf-8") as f:
+                metrics = json.load(f)
+        model = self.accelerator.unwrap_model(self.model)
+        args = self.args
+        training = (f"{args.num_train_epochs:g} epochs (max_steps {args.max_steps})" if args.max_steps > 0 else
+                    f"{args.num_train_epochs:g} epochs")
+        training += (f", batch {args.per_device_train_batch_size} x {args.world_size} processes, "
+                     f"lr {args.learning_rate:g}")
+        name = model_name or os.path.basename(os.path.abspath(args.output_dir))
+        tags = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
+        text = render_model_card(model, metrics, name, args.hub_model_id or args.output_dir,
+                                 dataset or f"a collection of {len(model.image_index)} images", training,
+                                 tags[0] if tags else None)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(text)
 
 
-__all__ = ["DSITrainer"]
+__all__ = ["DSITrainer", "RESUME_ONLY_FILES"]

@@ -129,12 +129,17 @@ class IdTrie:
 
     def mask_scores(self, nodes: np.ndarray, scores: torch.Tensor) -> torch.Tensor:
         """`scores` with every token that does not continue an identifier set to -inf (one gather + scatter)."""
-        tokens = self.child_tokens[nodes].astype(np.int64)
-        if self.stride > scores.shape[-1]:  # ids use tokens the model cannot write: never allow them
-            tokens = tokens.clip(max=scores.shape[-1] - 1)
-        tokens = torch.from_numpy(tokens).to(scores.device, non_blocking=True)
+        tokens = torch.from_numpy(self.child_tokens[nodes].astype(np.int64)).to(scores.device, non_blocking=True)
         constrained = torch.full_like(scores, float("-inf"))
-        constrained.scatter_(1, tokens, scores.gather(1, tokens))
+        if self.stride > scores.shape[-1]:
+            # ids use tokens the model cannot write: never allow them. They are read through a clipped index and
+            # given -inf, and "amax" keeps a real score where a clipped index collides with an allowed token.
+            outside = tokens >= scores.shape[-1]
+            tokens = tokens.clamp(max=scores.shape[-1] - 1)
+            values = scores.gather(1, tokens).masked_fill(outside, float("-inf"))
+            constrained.scatter_reduce_(1, tokens, values, reduce="amax")
+        else:
+            constrained.scatter_(1, tokens, scores.gather(1, tokens))
         if self.has_wide:
             wide = np.flatnonzero(self.is_wide[nodes])
             if len(wide):

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
 import torch
 
+from .atomic_io import atomic_write, atomic_write_text
 from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, prefix_allowed_tokens_fn
 from .semantic_ids import hierarchical_kmeans_ids
 
 INDEX_FILE_NAME = "image_index.json"
+EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
+# what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
+HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
 SCHEMES = ("naive", "atomic", "semantic")
 ATOMIC_TOKEN = "<img_{}>"
 
@@ -23,12 +26,15 @@ class ImageIndex:
     """The collection a model memorises: for each image key, its identifier string and token ids.
 
     `token_ids` exclude eos (the trie and `labels_for` add it). Positions (0..N-1) are the index's own ids.
+    `embeddings` (N, d), when set, are the indexed images' dense embeddings (the dual encoder's search index);
+    they are saved and loaded with the identifiers, so one object owns everything a model searches over.
     """
 
     def __init__(self, keys: Sequence[str], id_strings: Sequence[str], token_ids: Sequence[Sequence[int]],
-                 scheme: str, eos_token_id: int, pad_token_id: int, added_tokens: Sequence[str] = ()):
+                 scheme: str, eos_token_id: int, pad_token_id: int, added_tokens: Sequence[str] = (),
+                 embeddings: torch.Tensor | None = None):
         if scheme not in SCHEMES:
-            raise ValueError(f"--docid_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+            raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
         if not (len(keys) == len(id_strings) == len(token_ids)):
             raise ValueError("keys, id_strings and token_ids must have one entry per image.")
         self.keys = [str(k) for k in keys]
@@ -37,6 +43,7 @@ class ImageIndex:
         self.scheme = scheme
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
         self.added_tokens = list(added_tokens)
+        self.embeddings = embeddings
         self.position_of_key = {}
         for position, key in enumerate(self.keys):
             if key in self.position_of_key:
@@ -65,13 +72,12 @@ class ImageIndex:
             tokenizer.add_tokens(id_strings)
         elif scheme == "semantic":
             if embeddings is None:
-                raise ValueError("--docid_scheme semantic needs image embeddings (from the image tower, a trained "
-                                 "dual encoder, or --semantic_embeddings FILE.npy).")
+                raise ValueError("scheme='semantic' needs `embeddings` (one row per image).")
             if len(embeddings) != len(keys):
-                raise ValueError(f"Semantic ids: {len(embeddings)} embedding rows for {len(keys)} images.")
+                raise ValueError(f"scheme='semantic': {len(embeddings)} embedding rows for {len(keys)} images.")
             id_strings = hierarchical_kmeans_ids(embeddings, num_clusters, max_leaf_size, seed)
         else:
-            raise ValueError(f"--docid_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+            raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
         token_ids = cls._tokenize(tokenizer, id_strings)
         added = id_strings if scheme == "atomic" else []
         return cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added)
@@ -133,51 +139,81 @@ class ImageIndex:
 
     # ----- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The identifiers as JSON-able data (embeddings travel separately, as tensors)."""
         return {"scheme": self.scheme, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "added_tokens": self.added_tokens, "keys": self.keys, "id_strings": self.id_strings,
                 "token_ids": self.token_ids}
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write `image_index.json` atomically (temp file + rename): a crash never leaves half an index."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, INDEX_FILE_NAME)
-        handle, tmp = tempfile.mkstemp(dir=directory, prefix=".image_index.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write `image_index.json` (and `image_embeddings.safetensors` when there are embeddings) atomically:
+        a crash never leaves half an index. A stale embeddings file from an earlier save is removed."""
+        embeddings_path = os.path.join(directory, EMBEDDINGS_FILE_NAME)
+        if self.embeddings is not None:
+            from safetensors.torch import save_file
+
+            tensor = self.embeddings.detach().float().cpu().contiguous()
+            if len(tensor) != len(self):
+                raise ValueError(f"ImageIndex.embeddings has {len(tensor)} rows for {len(self)} images.")
+            atomic_write(embeddings_path, lambda tmp: save_file({"image_embeddings": tensor}, tmp))
+        elif os.path.exists(embeddings_path):
+            os.unlink(embeddings_path)
+        return atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), json.dumps(self.to_dict()))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "image index") -> "ImageIndex":
+    def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
+                  ) -> "ImageIndex":
         try:
             return cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
-                       data["pad_token_id"], data.get("added_tokens", []))
+                       data["pad_token_id"], data.get("added_tokens", []), embeddings)
         except KeyError as err:
             raise ValueError(f"{source}: image index is missing the field {err.args[0]!r}.") from err
+        except TypeError as err:
+            raise ValueError(f"{source}: not an image index ({err}).") from err
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ImageIndex":
-        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else str(path)
+    def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None) -> "ImageIndex":
+        """From `image_index.json` (or the directory holding it); a corrupt file is an error naming it."""
+        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else os.fspath(path)
+        if embeddings_path is None and os.path.exists(os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)):
+            embeddings_path = os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), path)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: the image index is not valid JSON ({err}).") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the image index is not a JSON object.")
+        embeddings = None
+        if embeddings_path is not None:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                embeddings = load_file(embeddings_path)["image_embeddings"]
+            except (SafetensorError, KeyError, OSError) as err:
+                raise ValueError(f"{embeddings_path}: unreadable image embeddings ({err}).") from err
+        index = cls.from_dict(data, path, embeddings)
+        if embeddings is not None and len(embeddings) != len(index):
+            raise ValueError(f"{embeddings_path}: {len(embeddings)} embeddings for the {len(index)} images of {path}.")
+        return index
 
     @classmethod
-    def from_pretrained_if_present(cls, name_or_path: str | os.PathLike) -> "ImageIndex | None":
-        """The index saved beside a checkpoint (a local directory or a Hub repo); None if it has none."""
-        if os.path.isdir(name_or_path):
-            path = os.path.join(name_or_path, INDEX_FILE_NAME)
-            return cls.load(path) if os.path.exists(path) else None
-        try:
-            from huggingface_hub import hf_hub_download
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "ImageIndex | None":
+        """The index saved beside a checkpoint (a local directory or a Hub repo), or None when it has none.
 
-            return cls.load(hf_hub_download(str(name_or_path), INDEX_FILE_NAME))
-        except Exception:  # noqa: BLE001 - a repo without an index is a valid checkpoint
+        Only a missing file means "no index": a corrupt file, a network or an authentication error is raised as
+        itself. `revision`, `token`, `cache_dir`, `subfolder` (and the other download options) are honoured.
+        """
+        from transformers.utils import cached_file
+
+        options = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None}
+        index_path = cached_file(name_or_path, INDEX_FILE_NAME, _raise_exceptions_for_missing_entries=False,
+                                 **options)
+        if index_path is None:
             return None
+        embeddings_path = cached_file(name_or_path, EMBEDDINGS_FILE_NAME, _raise_exceptions_for_missing_entries=False,
+                                      **options)
+        return cls.load(index_path, embeddings_path)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         if self.max_token_id >= vocab_size:

@@ -40,6 +40,12 @@ def ranking_metrics(ranked: np.ndarray, gold: Sequence[int], ks: Sequence[int] =
     return metrics
 
 
+def reported_ks(retrieval_k: int) -> tuple[int, ...]:
+    """The Hits@k a search with `retrieval_k` results can support: 1, 5, 10 up to retrieval_k, and retrieval_k
+    itself (a 1-beam search reports Hits@1 only, never a Hits@10 it could not have measured)."""
+    return tuple(sorted({k for k in (1, 5, 10) if k <= retrieval_k} | {retrieval_k}))
+
+
 def compute_ranking_metrics(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10):
     """For our trainer: predictions are (N, k) ranked positions; label_ids (N,) gold positions, or (N, 2) gold
     positions and query ids, in which case repeated query ids (distributed padding) count once."""
@@ -77,5 +83,5 @@ def compute_metrics_for_generation(index: ImageIndex, num_return_sequences: int,
     return compute
 
 
-__all__ = ["gold_ranks", "hits_at_k", "mrr_at_k", "ranking_metrics", "compute_ranking_metrics",
+__all__ = ["reported_ks", "gold_ranks", "hits_at_k", "mrr_at_k", "ranking_metrics", "compute_ranking_metrics",
            "compute_metrics_for_generation"]

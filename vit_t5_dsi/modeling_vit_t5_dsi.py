@@ -136,15 +136,33 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
             raise ValueError("variant='dual_encoder' needs ViTT5DSIDualEncoderModel.")
         return cls(config, vision_model=vision, text_model=text)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self.image_index is not None and kwargs.get("is_main_process", True):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        """Weights, config and code (transformers), plus what the model searches over: the image index and, for
+        the dual encoder, the indexed images' embeddings. With `push_to_hub=True` all of it is uploaded."""
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
+               if key in kwargs}
+        os.makedirs(save_directory, exist_ok=True)
+        timestamps = self._get_files_timestamps(save_directory) if push_to_hub else {}
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        if self.image_index is not None:
             self.image_index.save(save_directory)
+        if push_to_hub:  # uploaded here, after the index is written, so the pushed repo is complete
+            from transformers.utils.hub import hf_api
+
+            token = kwargs.get("token")
+            repo_id = hf_api().create_repo(hub.get("repo_id", os.path.basename(os.path.abspath(save_directory))),
+                                           exist_ok=True, private=hub.get("private"), token=token).repo_id
+            self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=hub.get("commit_message"),
+                                        token=token, create_pr=hub.get("create_pr", False))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Weights and config as transformers loads them, and the image index saved beside them (with the same
+        `revision`, `token`, `cache_dir`, `subfolder`); a checkpoint without an index loads with `image_index=None`."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.image_index = ImageIndex.from_pretrained_if_present(pretrained_model_name_or_path)
+        model.image_index = ImageIndex.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if model.image_index is not None:
             model.image_index.check_vocabulary(model.get_input_embeddings().num_embeddings)
         return model
@@ -358,8 +376,10 @@ def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:
 
 
 def load_dsi_model(name_or_path: str, **kwargs) -> ViTT5DSIPreTrainedModel:
-    """Load a checkpoint of any variant with the class its config names."""
-    config = ViTT5DSIConfig.from_pretrained(name_or_path)
+    """Load a checkpoint of any variant with the class its config names (`kwargs` reach every download)."""
+    from .image_index import HUB_KWARGS
+
+    config = ViTT5DSIConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS})
     return model_class_for_variant(config.variant).from_pretrained(name_or_path, **kwargs)
 
 

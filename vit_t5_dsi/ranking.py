@@ -40,11 +40,17 @@ def distinct_topk(candidates: np.ndarray, scores: np.ndarray, k: int) -> Ranking
 @torch.no_grad()
 def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None, input_ids=None,
                        attention_mask=None, **generate_kwargs) -> Ranking:
-    """Constrained beam search with num_beams = num_return_sequences = k; only existing, distinct images come
-    back. Scores are sequence log-probabilities (length_penalty 0 compares ids of different lengths fairly)."""
+    """Constrained beam search with num_beams = num_return_sequences = k (at most the number of images); only
+    existing, distinct images come back. Scores are sequence log-probabilities: length_penalty 0 compares ids of
+    different lengths fairly, and early_stopping="never" is canonical beam search, which stops only when no running
+    beam can beat the k-th finished id (early_stopping=True stops at the first k finished ids, so a short id can
+    shut out a better long one)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
     batch = (pixel_values if pixel_values is not None else input_ids).shape[0]
-    kwargs = dict(num_beams=k, num_return_sequences=k, max_new_tokens=index.max_id_length, do_sample=False,
-                  early_stopping=True, length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    beams = min(k, len(index))
+    kwargs = dict(num_beams=beams, num_return_sequences=beams, max_new_tokens=index.max_id_length, do_sample=False,
+                  early_stopping="never", length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
     # the constraint runs last, so no earlier processor can re-admit a token it masked
     processors = LogitsProcessorList(list(generate_kwargs.pop("logits_processor", None) or []))
     processors.append(index.logits_processor())

@@ -2,53 +2,36 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
+from .image_index import EMBEDDINGS_FILE_NAME
 from .modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel, load_dsi_model
+from .processing_vit_t5_dsi import ViTT5DSIProcessor
 from .ranking import rank_by_generation, rank_by_similarity
-
-IMAGE_EMBEDDINGS_FILE = "image_embeddings.safetensors"
-
-
-def save_image_embeddings(directory: str, embeddings: torch.Tensor) -> None:
-    """The dual encoder's index: one embedding per indexed image, in index order (atomic write)."""
-    path = os.path.join(directory, IMAGE_EMBEDDINGS_FILE)
-    tmp = path + ".tmp"
-    save_file({"image_embeddings": embeddings.detach().float().cpu().contiguous()}, tmp)
-    os.replace(tmp, path)
 
 
 class DSIRetriever:
     """`DSIRetriever.from_pretrained(dir).retrieve(["a red circle"], k=10)` -> per query [(image_key, score)]."""
 
-    def __init__(self, model: ViTT5DSIPreTrainedModel, tokenizer, image_embeddings: torch.Tensor | None = None,
-                 max_caption_length: int = 64):
-        if model.image_index is None:
+    def __init__(self, model: ViTT5DSIPreTrainedModel, processor: ViTT5DSIProcessor):
+        index = model.image_index
+        if index is None:
             raise ValueError("This model has no image index (image_index.json): it was never trained on a collection.")
-        if model.config.variant == "dual_encoder" and image_embeddings is None:
-            raise ValueError(f"A dual-encoder retriever needs the indexed images' embeddings ({IMAGE_EMBEDDINGS_FILE}).")
-        model.image_index.check_tokenizer(tokenizer)
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.image_embeddings = image_embeddings
-        self.max_caption_length = max_caption_length
+        if model.config.variant == "dual_encoder" and index.embeddings is None:
+            raise ValueError(f"A dual-encoder retriever needs the indexed images' embeddings ({EMBEDDINGS_FILE_NAME}).")
+        index.check_tokenizer(processor.tokenizer)
+        self.model, self.processor = model.eval(), processor
+        self.image_embeddings = index.embeddings.to(model.device) if index.embeddings is not None else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None) -> "DSIRetriever":
-        model = load_dsi_model(name_or_path)
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
+                        **hub_kwargs) -> "DSIRetriever":
+        """Model, image index and processor of a checkpoint (a directory or a Hub repo). `hub_kwargs`
+        (`revision`, `token`, `cache_dir`, `subfolder`, ...) reach every download."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        embeddings = None
-        if model.config.variant == "dual_encoder":
-            path = os.path.join(name_or_path, IMAGE_EMBEDDINGS_FILE)
-            if not os.path.exists(path):
-                from huggingface_hub import hf_hub_download
-
-                path = hf_hub_download(name_or_path, IMAGE_EMBEDDINGS_FILE)
-            embeddings = load_file(path)["image_embeddings"].to(device)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(name_or_path), embeddings)
+        model = load_dsi_model(name_or_path, **hub_kwargs)
+        processor = ViTT5DSIProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        return cls(model.to(device), processor)
 
     @torch.no_grad()
     def retrieve(self, texts: list[str] | str, k: int = 10, batch_size: int = 32) -> list[list[tuple[str, float]]]:
@@ -58,8 +41,7 @@ class DSIRetriever:
             raise ValueError(f"k must be >= 1, got {k}.")
         results = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                   max_length=self.max_caption_length, return_tensors="pt").to(self.model.device)
+            batch = self.processor(text=texts[start:start + batch_size]).to(self.model.device)
             if self.image_embeddings is not None:
                 queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"])
                 ranking = rank_by_similarity(queries, self.image_embeddings, k)
@@ -70,4 +52,4 @@ class DSIRetriever:
         return results
 
 
-__all__ = ["DSIRetriever", "save_image_embeddings", "IMAGE_EMBEDDINGS_FILE"]
+__all__ = ["DSIRetriever"]

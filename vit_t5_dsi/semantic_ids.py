@@ -26,9 +26,9 @@ def hierarchical_kmeans_ids(embeddings: np.ndarray, num_clusters: int = 10, max_
     if embeddings.ndim != 2 or len(embeddings) == 0:
         raise ValueError(f"Semantic ids need a (num_images, dim) embedding matrix, got shape {embeddings.shape}.")
     if num_clusters < 2:
-        raise ValueError(f"--semantic_num_clusters must be >= 2, got {num_clusters}.")
+        raise ValueError(f"num_clusters must be >= 2, got {num_clusters}.")
     if max_leaf_size < 1:
-        raise ValueError(f"--semantic_max_leaf_size must be >= 1, got {max_leaf_size}.")
+        raise ValueError(f"max_leaf_size must be >= 1, got {max_leaf_size}.")
     ids: list[list[str]] = [[] for _ in range(len(embeddings))]
 
     def assign(members: np.ndarray, depth: int) -> None:

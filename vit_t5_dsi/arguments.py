@@ -1,0 +1,200 @@
+"""The flags of `run_dsi_image.py`, as `HfArgumentParser` dataclasses, and the checks that need several of them.
+
+Choices are typed (`Literal`), so a typo fails when the flags are parsed. The built-in demo's own choices are
+made in one place, `resolve_demo_defaults`; errors here name flags, since users meet them on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+from .errors import UsageError
+
+# The built-in demo (no data flags): 300 synthetic scenes; semantic leaves of at most 10 images, since with DSI's
+# c=100 a 300-image collection's last id token is an arbitrary position among ~100 images.
+DEMO_SEMANTIC_MAX_LEAF_SIZE = 10
+SEMANTIC_MAX_LEAF_SIZE = 100  # DSI's c
+
+
+@dataclass
+class ModelArguments:
+    variant: Literal["cross_attention", "codebook", "dual_encoder"] = field(default="cross_attention", metadata={
+        "help": "cross_attention (image-grounded T5 decoder), codebook (visual tokens read by T5's encoder) or "
+                "dual_encoder (contrastive dense baseline)."})
+    docid_scheme: Literal["naive", "atomic", "semantic"] = field(default="semantic", metadata={
+        "help": "Image identifiers: naive (integer strings), atomic (one new token per image) or semantic "
+                "(hierarchical k-means over image embeddings). Ignored by the dual encoder."})
+    model_size: Literal["tiny", "small", "base"] = field(default="tiny", metadata={
+        "help": "From-scratch size when no pretrained parts are given: tiny, small or base (ViT-B/16 + T5-base)."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A vit-t5-dsi checkpoint (directory or Hub id) to continue from or evaluate. Its image index must "
+                "cover the collection exactly, unless --reindex."})
+    reindex: bool = field(default=False, metadata={
+        "help": "With --model_name_or_path: build new identifiers when the checkpoint's index does not cover this "
+                "collection (the loaded weights then no longer know which image each id names)."})
+    vision_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained image tower: a ViT checkpoint (e.g. google/vit-base-patch16-224-in21k) or a timm "
+                "model name. Needs --text_model_name_or_path too."})
+    text_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained T5 (e.g. t5-base); its tokenizer is used. Needs --vision_model_name_or_path too."})
+    tokenizer_vocab_size: int = field(default=1024, metadata={
+        "help": "Vocabulary of the caption tokenizer trained offline when no pretrained T5 is given."})
+    codebook_num_tokens: int = field(default=16, metadata={"help": "codebook: visual tokens per image."})
+    codebook_straight_through: bool = field(default=True, metadata={
+        "help": "codebook: learn the projection (straight-through estimator). False: the seed's frozen lookup."})
+    codebook_commitment_weight: float = field(default=0.01, metadata={
+        "help": "codebook: commitment loss weight. Larger values (VQ-VAE's 0.25) collapse every patch onto one "
+                "token, since T5's embedding matrix is a fixed codebook."})
+    alignment_loss_weight: float = field(default=0.0, metadata={
+        "help": "Generative variants: weight of a contrastive image-caption alignment loss (0 = off)."})
+    semantic_num_clusters: int = field(default=10, metadata={"help": "semantic ids: k-means branches per level."})
+    semantic_max_leaf_size: int | None = field(default=None, metadata={
+        "help": f"semantic ids: images per leaf at most. Default {SEMANTIC_MAX_LEAF_SIZE} (DSI's c); the built-in "
+                f"demo uses {DEMO_SEMANTIC_MAX_LEAF_SIZE}."})
+    semantic_embeddings: str | None = field(default=None, metadata={
+        "help": "semantic ids from this .npy (one row per indexed image, in index order) or from this trained "
+                "dual_encoder checkpoint directory. Default: the model's own image tower."})
+
+
+@dataclass
+class DataArguments:
+    karpathy_json: str | None = field(default=None, metadata={
+        "help": "Karpathy split file (dataset_flickr30k.json, dataset_coco.json); needs --image_dir."})
+    image_dir: str | None = field(default=None, metadata={
+        "help": "Directory the image file names are relative to (paths may not leave it)."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Flickr30K in the Hub parquet layout (image, caption list, split, filename): a local directory "
+                "of .parquet files or a dataset name already in the local cache."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Prototype JSONL: {image_id, image} rows to index and {image_id, caption} rows to train on."})
+    validation_file: str | None = field(default=None, metadata={
+        "help": "Prototype JSONL of {image_id, caption} evaluation queries. They never train: images without "
+                "training captions are held out, the others' validation captions are 'seen' queries."})
+    num_index_images: int | None = field(default=None, metadata={
+        "help": "Images to index (held-out ones included). Flickr30K protocol: 10000."})
+    num_eval_images: int | None = field(default=None, metadata={
+        "help": "Held-out images whose captions are the evaluation queries. Flickr30K protocol: 2000."})
+    heldout_splits: str = field(default="test,val", metadata={
+        "help": "Comma-separated split names whose images are held out (Karpathy test and val by default)."})
+    seen_captions_per_image: int = field(default=1, metadata={
+        "help": "Captions per training image held out as 'seen' evaluation queries (0 = no seen protocol)."})
+    indexing_ratio: float | None = field(default=None, metadata={
+        "help": "Share of indexing (image -> id) examples in the co-training stream, in (0, 1]; default: every "
+                "image and every training caption once per epoch."})
+    max_index_eval_images: int = field(default=1000, metadata={
+        "help": "Indexing accuracy (index_hits@k) is measured on at most this many indexed images (0 = not "
+                "measured)."})
+    max_caption_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "Leave out missing/unreadable images (logged with their keys) instead of stopping."})
+    augment: bool = field(default=False, metadata={"help": "Random resized crops of training images."})
+    demo_num_images: int = field(default=300, metadata={"help": "Built-in demo: synthetic images to draw."})
+    demo_max_objects: int = field(default=1, metadata={"help": "Built-in demo: objects per image (1-3)."})
+    demo_dir: str = field(default="demo_data", metadata={"help": "Built-in demo: where the scenes are written."})
+
+    @property
+    def is_demo(self) -> bool:
+        return not (self.karpathy_json or self.dataset_name or self.train_file)
+
+
+@dataclass
+class DSITrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with defaults that make the no-argument run the built-in demo."""
+
+    output_dir: str = field(default="dsi_demo_output", metadata={"help": "Where checkpoints and results go."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the run in a non-empty --output_dir (its results, index and checkpoints are removed "
+                "first). Without it, a non-empty --output_dir is refused unless --resume_from_checkpoint."})
+    do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train False to only evaluate)."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate Hits@k and MRR@10 after training."})
+    retrieval_k: int = field(default=10, metadata={
+        "help": "Beams = returned images per query in evaluation; Hits@k is reported for k in 1, 5, 10 up to it."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    num_train_epochs: float = field(default=300.0, metadata={
+        "help": "Training epochs. Memorising ids takes long schedules (DSI trains for hundreds of epochs)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps."})
+    logging_steps: float = field(default=25, metadata={"help": "Log losses every this many steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints (no/steps/epoch)."})
+    save_steps: float = field(default=500, metadata={"help": "Save a resumable checkpoint every this many steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads them."})
+    allow_fp16_t5: bool = field(default=False, metadata={
+        "help": "Allow --fp16 with T5, which overflows to NaN losses in fp16; prefer --bf16 (or fp32)."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DSITrainingArguments]:
+    """Flags, or one .json / .yaml file holding them all."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, DSITrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_demo_defaults(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Fill the defaults that differ between the built-in demo and a user's collection (the one place)."""
+    if model_args.semantic_max_leaf_size is None:
+        model_args.semantic_max_leaf_size = (DEMO_SEMANTIC_MAX_LEAF_SIZE if data_args.is_demo
+                                             else SEMANTIC_MAX_LEAF_SIZE)
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments,
+                    training_args: DSITrainingArguments) -> None:
+    """Refuse bad flag combinations before anything is loaded or written (UsageError, naming the flags)."""
+    if (model_args.vision_model_name_or_path is None) != (model_args.text_model_name_or_path is None):
+        raise UsageError("--vision_model_name_or_path and --text_model_name_or_path go together.")
+    if model_args.model_name_or_path and model_args.vision_model_name_or_path:
+        raise UsageError("--model_name_or_path (a vit-t5-dsi checkpoint) and --vision/--text_model_name_or_path "
+                         "(parts to compose a new model from) exclude each other.")
+    if model_args.reindex and not model_args.model_name_or_path:
+        raise UsageError("--reindex only applies with --model_name_or_path.")
+    given = [flag for flag, value in (("--karpathy_json", data_args.karpathy_json),
+                                      ("--dataset_name", data_args.dataset_name),
+                                      ("--train_file", data_args.train_file)) if value]
+    if len(given) > 1:
+        raise UsageError(f"Pass one data layout, not {' and '.join(given)}.")
+    if data_args.karpathy_json and not data_args.image_dir:
+        raise UsageError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
+    if data_args.validation_file and not data_args.train_file:
+        raise UsageError("--validation_file needs --train_file (the JSONL layout).")
+    if data_args.max_index_eval_images < 0:
+        raise UsageError(f"--max_index_eval_images must be >= 0 (0 = no indexing evaluation), got "
+                         f"{data_args.max_index_eval_images}.")
+    if data_args.indexing_ratio is not None and not 0.0 < data_args.indexing_ratio <= 1.0:
+        raise UsageError(f"--indexing_ratio must be in (0, 1], got {data_args.indexing_ratio}.")
+    if model_args.semantic_num_clusters < 2:
+        raise UsageError(f"--semantic_num_clusters must be >= 2, got {model_args.semantic_num_clusters}.")
+    if model_args.semantic_max_leaf_size is not None and model_args.semantic_max_leaf_size < 1:
+        raise UsageError(f"--semantic_max_leaf_size must be >= 1, got {model_args.semantic_max_leaf_size}.")
+    if training_args.retrieval_k < 1:
+        raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")
+    if training_args.fp16 and model_args.variant != "dual_encoder" and not training_args.allow_fp16_t5:
+        raise UsageError("--fp16 with T5 overflows (NaN losses): use --bf16, or fp32 on GPUs without bf16. "
+                         "Pass --allow_fp16_t5 to try anyway.")
+    if training_args.remove_unused_columns:
+        raise UsageError("--remove_unused_columns must stay False: the collator reads image_key/caption/kind.")
+    if training_args.hub_token:
+        raise UsageError("--hub_token is refused: a token on the command line ends up in shell history, logs and "
+                         "training_args.bin. Set HF_TOKEN in the environment or run `hf auth login`.")
+    loads_from = model_args.model_name_or_path
+    if (training_args.do_train and loads_from and os.path.isdir(loads_from)
+            and os.path.realpath(loads_from) == os.path.realpath(training_args.output_dir)):
+        raise UsageError(f"--output_dir {training_args.output_dir} is the checkpoint --model_name_or_path loads from: "
+                         "training would overwrite it. Pick another --output_dir.")
+    if (training_args.push_to_hub and not training_args.do_train and loads_from
+            and os.path.realpath(loads_from) == os.path.realpath(training_args.output_dir)):
+        raise UsageError("--push_to_hub from an evaluate-only run would re-save the checkpoint it loads from; pass "
+                         "another --output_dir.")
+
+
+__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "resolve_demo_defaults",
+           "check_arguments", "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]

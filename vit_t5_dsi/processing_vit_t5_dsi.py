@@ -1,0 +1,85 @@
+"""The processor of a vit-t5-dsi checkpoint: the image tower's image processor plus the caption tokenizer.
+
+It is the `processing_class` the trainer saves into every directory it writes (`checkpoint-N` included), so any
+checkpoint carries what turns a user's images and captions into model inputs, and `AutoProcessor` loads it
+(`trust_remote_code=True` outside this package).
+"""
+
+from __future__ import annotations
+
+from transformers import ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+
+from .image_processing import to_rgb
+
+
+class ViTT5DSIProcessor(ProcessorMixin):
+    """`processor(images=[PIL...], text=["a red circle"])` -> `pixel_values`, `input_ids`, `attention_mask`.
+
+    Images of any PIL mode are converted to RGB first (transparency on white, as the collection was indexed);
+    captions are padded and truncated to `max_caption_length` tokens.
+    """
+
+    def __init__(self, image_processor, tokenizer, max_caption_length: int = 64, **kwargs):
+        self.max_caption_length = max_caption_length
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("Pass images, text, or both.")
+        features = {}
+        if images is not None:
+            images = [images] if not isinstance(images, (list, tuple)) else images
+            features["pixel_values"] = self.image_processor(images=[to_rgb(image) for image in images],
+                                                            return_tensors=return_tensors)["pixel_values"]
+        if text is not None:
+            text = [text] if isinstance(text, str) else list(text)
+            features.update(self.tokenizer(text, padding=True, truncation=True, max_length=self.max_caption_length,
+                                           return_tensors=return_tensors, **kwargs))
+        return BatchFeature(features)
+
+    @property
+    def image_size(self) -> int:
+        """Square input resolution the image processor produces."""
+        size = getattr(self.image_processor, "size", None)
+        if size is None:
+            return 224
+        if isinstance(size, int):
+            return size
+        for name in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
+            value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+            if value:
+                return int(value)
+        return 224
+
+    @classmethod
+    def for_model(cls, config, tokenizer, vision_name_or_path: str | None = None,
+                  max_caption_length: int = 64) -> "ViTT5DSIProcessor":
+        """The pretrained image tower's own image processor when it has one; else one matching the config."""
+        from transformers import AutoImageProcessor, ViTImageProcessor
+
+        if vision_name_or_path is not None:
+            try:
+                return cls(AutoImageProcessor.from_pretrained(vision_name_or_path), tokenizer, max_caption_length)
+            except (OSError, ValueError):
+                pass  # a bare timm name, or a checkpoint without a processor file: derive one below
+        vision = config.vision_config
+        if vision.model_type == "timm_wrapper":
+            import timm  # only timm image towers need timm
+            from timm.data import resolve_data_config
+
+            args = dict(vision.model_args or {})
+            data_config = resolve_data_config(model=timm.create_model(vision.architecture, pretrained=False, **args))
+            size = data_config["input_size"][-1]
+            image_processor = ViTImageProcessor(size={"height": size, "width": size},
+                                                image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
+        else:
+            size = config.image_size
+            image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                                image_std=[0.5] * 3)
+        return cls(image_processor, tokenizer, max_caption_length)
+
+
+ViTT5DSIProcessor.register_for_auto_class()
+
+__all__ = ["ViTT5DSIProcessor"]
