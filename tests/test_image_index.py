@@ -273,3 +273,47 @@ def test_evaluate_metric_matches_the_pure_functions(tmp_path):
     loaded = evaluate.load(module.__file__, cache_dir=str(tmp_path))  # the evaluate.load path, offline
     assert loaded.compute(predictions=[[5, 6]], references=[6], ks=[1, 2], mrr_k=2) == {
         "hits@1": 0.0, "hits@2": 1.0, "mrr@2": 0.5}
+
+
+# ----- search exactness ------------------------------------------------------------------------------
+
+class DesignedScores(LogitsProcessor):
+    """A 'model' whose log-probabilities are a table keyed by the generated prefix (-50 elsewhere)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, input_ids, scores):
+        designed = torch.full_like(scores, -50.0)
+        for row, ids in enumerate(input_ids[:, 1:].tolist()):
+            for token, value in self.table.get(tuple(t for t in ids if t != 0), {}).items():
+                designed[row, token] = value
+        return designed
+
+
+def test_beam_search_returns_the_true_top_k_under_ids_of_different_lengths(tokenizer):
+    """A short id that finishes first with a poor score must not shut out longer, better ids (early stopping)."""
+    a, b, x, w, y, eos = 10, 12, 13, 16, 14, tokenizer.eos_token_id
+    index = ImageIndex(["a", "bx", "bwy"], ["a", "bx", "bwy"], [[a], [b, x], [b, w, y]], "naive", eos,
+                       tokenizer.pad_token_id)
+    # a (-0.3) finishes first, then bx (-0.52) while bw.. is still running at -0.36: stopping at two finished ids
+    # returns [a, bx]; the true top 2 is [a, bwy] (-0.37)
+    table = {(): {a: -0.1, b: -0.2}, (a,): {eos: -0.2}, (b,): {x: -0.12, w: -0.15}, (b, x): {eos: -0.2},
+             (b, w): {y: -0.01}, (b, w, y): {eos: -0.01}}
+    brute_force = {"a": -0.3, "bx": -0.52, "bwy": -0.37}  # sums of the table along each id
+    model = ViTT5DSIForConditionalGeneration(tiny_config()).eval()
+    text = tokenizer(["a red circle"], return_tensors="pt")
+    ranking = rank_by_generation(model, index, k=2, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                                 logits_processor=LogitsProcessorList([DesignedScores(table)]))
+    expected = sorted(brute_force, key=brute_force.get, reverse=True)[:2]
+    assert [key for key, _ in ranking.keys(index)[0]] == expected
+    np.testing.assert_allclose(ranking.scores[0], [brute_force[k] for k in expected], atol=1e-4)
+
+
+def test_trie_never_allows_a_token_outside_the_models_vocabulary():
+    trie = IdTrie([[5, 150], [5, 6], [7, 99], [7, 120]], eos_token_id=1, pad_token_id=0)
+    scores = torch.randn(2, 100)
+    masked = trie.mask_scores(trie.walk(np.array([[5], [7]])), scores)
+    assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [6]  # 150 is not clipped onto 99
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [99]  # the real 99 keeps its score
+    assert masked[1, 99] == scores[1, 99]

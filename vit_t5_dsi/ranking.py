@@ -48,7 +48,7 @@ def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None,
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     batch = (pixel_values if pixel_values is not None else input_ids).shape[0]
-    beams = min(k, len(index))
+    beams = max(2, min(k, len(index)))  # one beam would be greedy search, which reports no sequence scores
     kwargs = dict(num_beams=beams, num_return_sequences=beams, max_new_tokens=index.max_id_length, do_sample=False,
                   early_stopping="never", length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
     # the constraint runs last, so no earlier processor can re-admit a token it masked
