@@ -17,9 +17,34 @@ from .semantic_ids import hierarchical_kmeans_ids
 INDEX_FILE_NAME = "image_index.json"
 EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
 # what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
-HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
+HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download")
 SCHEMES = ("naive", "atomic", "semantic")
 ATOMIC_TOKEN = "<img_{}>"
+
+
+def checkpoint_file(name_or_path: str | os.PathLike, filename: str, subfolder: str | None = None,
+                    **download_options) -> str | None:
+    """Local path of `filename` in a checkpoint directory or Hub repo; None only when the file does not exist.
+
+    transformers' `cached_file` also returns None when the Hub cannot be reached, which would turn a network or
+    authentication problem into a silently missing index; here only "no such file" is None.
+    """
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, subfolder or "", filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    in_repo = f"{subfolder}/{filename}" if subfolder else filename
+    cached = try_to_load_from_cache(str(name_or_path), in_repo, cache_dir=download_options.get("cache_dir"),
+                                    revision=download_options.get("revision"))
+    if cached is _CACHED_NO_EXIST and not download_options.get("force_download"):
+        return None  # the Hub already said this repo has no such file
+    try:
+        return hf_hub_download(str(name_or_path), filename, subfolder=subfolder, **download_options)
+    except RemoteEntryNotFoundError:
+        return None
 
 
 class ImageIndex:
@@ -204,16 +229,11 @@ class ImageIndex:
         Only a missing file means "no index": a corrupt file, a network or an authentication error is raised as
         itself. `revision`, `token`, `cache_dir`, `subfolder` (and the other download options) are honoured.
         """
-        from transformers.utils import cached_file
-
         options = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None}
-        index_path = cached_file(name_or_path, INDEX_FILE_NAME, _raise_exceptions_for_missing_entries=False,
-                                 **options)
+        index_path = checkpoint_file(name_or_path, INDEX_FILE_NAME, **options)
         if index_path is None:
             return None
-        embeddings_path = cached_file(name_or_path, EMBEDDINGS_FILE_NAME, _raise_exceptions_for_missing_entries=False,
-                                      **options)
-        return cls.load(index_path, embeddings_path)
+        return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options))
 
     def check_vocabulary(self, vocab_size: int) -> None:
         if self.max_token_id >= vocab_size:
@@ -237,4 +257,4 @@ class ImageIndex:
                     "load the tokenizer saved with the checkpoint.")
 
 
-__all__ = ["ImageIndex", "INDEX_FILE_NAME", "SCHEMES"]
+__all__ = ["ImageIndex", "checkpoint_file", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME", "SCHEMES"]

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
+from .optional_imports import optional_import
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def vision_tower_width(tower: PreTrainedModel) -> int:
 
 def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
     """A ViT (or any AutoModel vision) checkpoint, a `timm/...` Hub repo, or a bare timm architecture name."""
-    import timm
+    timm = optional_import("timm", "a timm image tower")
 
     if not os.path.isdir(name_or_path) and timm.is_model(name_or_path):
         tower = TimmWrapperModel(TimmWrapperConfig(architecture=name_or_path))

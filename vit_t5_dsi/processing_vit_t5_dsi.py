@@ -11,6 +11,7 @@ from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 from .image_processing import to_rgb
+from .optional_imports import optional_import
 
 
 class ViTT5DSIProcessor(ProcessorMixin):
@@ -65,8 +66,8 @@ class ViTT5DSIProcessor(ProcessorMixin):
                 pass  # a bare timm name, or a checkpoint without a processor file: derive one below
         vision = config.vision_config
         if vision.model_type == "timm_wrapper":
-            import timm  # only timm image towers need timm
-            from timm.data import resolve_data_config
+            timm = optional_import("timm", "a timm image tower")
+            resolve_data_config = optional_import("timm.data", "a timm image tower").resolve_data_config
 
             args = dict(vision.model_args or {})
             data_config = resolve_data_config(model=timm.create_model(vision.architecture, pretrained=False, **args))

@@ -7,6 +7,7 @@ the collection and later tokens an image inside it. This was the largest single 
 from __future__ import annotations
 
 import numpy as np
+from .optional_imports import optional_import
 
 
 def _field_width(count: int) -> int:
@@ -20,7 +21,7 @@ def hierarchical_kmeans_ids(embeddings: np.ndarray, num_clusters: int = 10, max_
     Fields are space-separated and fixed-width within a node's children, so identifiers are unique and no
     identifier is a token-level prefix of another. Deterministic for a given `seed`.
     """
-    from sklearn.cluster import KMeans  # imported here: only semantic ids need scikit-learn
+    KMeans = optional_import("sklearn.cluster", "semantic ids (k-means)").KMeans
 
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) == 0:
