@@ -77,6 +77,40 @@ def test_jsonl_loader(tmp_path):
     assert splits.eval_queries["caption"] == ["third"] and len(splits.index) == 3
 
 
+def test_validation_captions_never_become_training_captions(tmp_path):
+    """An image with captions in both files stays a training image; its validation captions are 'seen' queries."""
+    write_images(tmp_path, ["x.png", "y.png", "z.png"])
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in [
+        {"image_id": "x", "image": "x.png"}, {"image_id": "y", "image": "y.png"}, {"image_id": "z", "image": "z.png"},
+        {"image_id": "x", "caption": "x trained"}, {"image_id": "y", "caption": "y trained"},
+        {"image_id": "y", "caption": "y trained again"}]))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("\n".join(json.dumps(r) for r in [
+        {"image_id": "x", "caption": "x validation"}, {"image_id": "z", "caption": "z validation"}]))
+    splits = build_dsi_splits(load_jsonl(str(train), str(validation)), seen_captions_per_image=0)
+    assert set(splits.train_queries["caption"]) == {"x trained", "y trained", "y trained again"}
+    assert splits.seen_queries["caption"] == ["x validation"]
+    assert splits.eval_queries["caption"] == ["z validation"]
+    evaluation = set(splits.seen_queries["caption"]) | set(splits.eval_queries["caption"])
+    assert not evaluation & set(splits.train_queries["caption"])
+
+
+@pytest.mark.parametrize("image", ["/etc/passwd", "../outside.png", "sub/../../outside.png"])
+def test_image_paths_that_leave_the_image_directory_are_refused(tmp_path, image):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"image_id": "fine", "image": "fine.png"}) + "\n" +
+                    json.dumps({"image_id": "a", "image": image}) + "\n")
+    with pytest.raises(CollectionError, match=r"train.jsonl:2: image path .* leaves the image directory"):
+        load_jsonl(str(rows))
+    path, image_dir = karpathy(tmp_path, [entry("ok.jpg")])
+    data = json.loads(open(path).read())
+    data["images"].append({**entry("x.jpg"), "filename": image})
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(CollectionError, match=r"images\[1\]\).* leaves the image directory"):
+        load_karpathy(path, image_dir)
+
+
 # ----- bad input -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("entries, message", [

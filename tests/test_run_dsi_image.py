@@ -153,6 +153,22 @@ def test_two_processes_train(tmp_path, scheme):
     assert results["world_size"] == 2 and "eval_hits@10" in results
     assert results["eval_num_queries"] == json.loads((tmp_path / "out" / "protocol.json").read_text())[
         "num_eval_queries"]
+    # the caption tokenizer was trained once, on the main process; every rank checked it holds the same vocabulary
+    assert "Tokenizer vocabulary identical on all 2 processes" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_process_runs_exit_cleanly_every_time(tmp_path):
+    """Both ranks exit 0 (no SIGABRT from a process group left alive at interpreter exit), progress bars on."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(ROOT, "run_dsi_image.py")]
+    for attempt in range(3):
+        args = tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "6", "--overwrite_output_dir", "True",
+                         "--disable_tqdm", "False", "--max_index_eval_images", "10")
+        result = run_script(args, launcher=launcher, env={"MASTER_PORT": str(29540 + attempt)})
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+        assert "terminate called" not in result.stderr
 
 
 def test_push_to_hub_uploads_the_checkpoint_with_its_card(tmp_path, monkeypatch):
@@ -218,3 +234,82 @@ def test_demo_uses_small_semantic_leaves_unless_told_otherwise(tmp_path):
     run_dsi_image.main(args("--semantic_max_leaf_size", "100", "--overwrite_output_dir", "True"))  # DSI's c
     ids = json.loads((tmp_path / "out" / "image_index.json").read_text())["id_strings"]
     assert all(len(i.split()) == 1 for i in ids)
+
+
+# ----- nothing lost or silently replaced ---------------------------------------------------------------
+
+def train_once(tmp_path, *extra, images=40):
+    run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "2", "--do_eval", "False", *extra, images=images))
+    return tmp_path / "out"
+
+
+def test_a_checkpoint_whose_index_does_not_cover_the_collection_needs_reindex(tmp_path):
+    checkpoint = train_once(tmp_path)
+    other = tiny_args(tmp_path, "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "again"),
+                      "--max_steps", "2", "--do_eval", "False", images=45)
+    with pytest.raises(run_dsi_image.UsageError, match="holds 40 images, this collection 45.*--reindex"):
+        run_dsi_image.main(other)
+    assert not (tmp_path / "again").exists()
+    run_dsi_image.main(other + ["--reindex", "True"])
+    assert len(json.loads((tmp_path / "again" / "image_index.json").read_text())["keys"]) == 45
+
+
+def test_training_into_the_checkpoint_it_loads_from_is_refused(tmp_path):
+    checkpoint = train_once(tmp_path)
+    before = (checkpoint / "model.safetensors").read_bytes()
+    with pytest.raises(run_dsi_image.UsageError, match="is the checkpoint --model_name_or_path loads from"):
+        run_dsi_image.main(tiny_args(tmp_path, "--model_name_or_path", str(checkpoint), "--overwrite_output_dir",
+                                     "True", "--max_steps", "2"))
+    assert (checkpoint / "model.safetensors").read_bytes() == before
+
+
+def test_an_evaluate_only_run_never_rewrites_weights_or_index(tmp_path):
+    checkpoint = train_once(tmp_path)
+    files = ("model.safetensors", "image_index.json", "config.json", "tokenizer.json")
+    before = {name: ((checkpoint / name).read_bytes(), (checkpoint / name).stat().st_mtime_ns) for name in files}
+    run_dsi_image.main(tiny_args(tmp_path, "--model_name_or_path", str(checkpoint), "--output_dir", str(checkpoint),
+                                 "--overwrite_output_dir", "True", "--do_train", "False"))
+    for name in files:
+        assert ((checkpoint / name).read_bytes(), (checkpoint / name).stat().st_mtime_ns) == before[name], name
+    results = json.loads((checkpoint / "all_results.json").read_text())
+    assert "eval_hits@1" in results and "train_loss" not in results  # the old run's results are not merged in
+
+
+def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_the_old_run(tmp_path):
+    output = train_once(tmp_path)
+    with pytest.raises(run_dsi_image.UsageError, match="is not empty.*--overwrite_output_dir"):
+        train_once(tmp_path)
+    results = json.loads((output / "all_results.json").read_text())
+    (output / "all_results.json").write_text(json.dumps({**results, "stale_metric": 1.0}))
+    (output / "checkpoint-999").mkdir()
+    (output / "image_index.json").write_text("{}")
+    train_once(tmp_path, "--overwrite_output_dir", "True", images=30)
+    assert "stale_metric" not in json.loads((output / "all_results.json").read_text())
+    assert not (output / "checkpoint-999").exists()
+    assert len(json.loads((output / "image_index.json").read_text())["keys"]) == 30
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hub_token", "hf_abcdefghijklmnopqrstuvwxyz"], "--hub_token is refused"),
+    (["--karpathy_json", "missing.json", "--image_dir", "."], "missing.json: no such file"),
+    (["--variant", "bogus"], "argument --variant: invalid choice: 'bogus'"),
+])
+def test_usage_errors_print_one_line_and_exit_2(tmp_path, extra, message):
+    result = run_script(tiny_args(tmp_path, *extra))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--retrieval_k", "50"], "--retrieval_k 50 is larger than the 40 indexed images"),
+    (["--heldout_splits", "train,test,val"], "Every image of .* is held out"),
+])
+def test_degenerate_protocols_are_refused_clearly(tmp_path, extra, message):
+    with pytest.raises(run_dsi_image.UsageError, match=message):
+        run_dsi_image.main(tiny_args(tmp_path, *extra))
+
+
+def test_indexing_evaluation_can_be_turned_off(tmp_path):
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "1", "--max_index_eval_images", "0"))
+    assert "eval_hits@1" in metrics and not any(key.startswith("index_") for key in metrics)
