@@ -94,6 +94,21 @@ def build_model(model_args: ModelArguments, vocab_size: int):
     return cls(config)
 
 
+def model_and_processor(model_args: ModelArguments, data_args: DataArguments, captions: list[str],
+                        resume_dir: str | None):
+    """A checkpoint's own processor (and so its tokenizer), or a new one; the model built for that vocabulary."""
+    source = resume_dir or model_args.model_name_or_path
+    if source:
+        processor = ViTT5DSIProcessor.from_pretrained(source)
+        model = build_model(model_args, len(processor.tokenizer))
+    else:
+        tokenizer = new_tokenizer(model_args, captions)
+        model = build_model(model_args, len(tokenizer))
+        processor = ViTT5DSIProcessor.for_model(model.config, tokenizer, model_args.vision_model_name_or_path)
+    processor.max_caption_length = data_args.max_caption_length
+    return model, processor
+
+
 def semantic_id_embeddings(model_args: ModelArguments, model, keys, images: ImageSource, processor,
                            training_args: DSITrainingArguments) -> np.ndarray:
     """What semantic ids cluster: a .npy, a trained dual encoder's embeddings, or the model's own image tower.
@@ -195,16 +210,7 @@ def main(argv=None) -> dict[str, float]:
         raise UsageError(f"--retrieval_k {training_args.retrieval_k} is larger than the {len(splits.index)} indexed "
                          "images.")
 
-    checkpoint_source = resume_dir or model_args.model_name_or_path
-    if checkpoint_source:
-        processor = ViTT5DSIProcessor.from_pretrained(checkpoint_source)
-    else:
-        processor = None
-        tokenizer = new_tokenizer(model_args, splits.train_queries["caption"][:])
-    model = build_model(model_args, len(processor.tokenizer) if processor else len(tokenizer))
-    if processor is None:
-        processor = ViTT5DSIProcessor.for_model(model.config, tokenizer, model_args.vision_model_name_or_path)
-    processor.max_caption_length = data_args.max_caption_length
+    model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir)
     vocabulary = check_identical_on_every_process(processor.tokenizer.get_vocab(), "caption tokenizer vocabulary")
     if training_args.world_size > 1:
         logger.info("Tokenizer vocabulary identical on all %d processes (digest %s)", training_args.world_size,

@@ -60,6 +60,7 @@ class DSITrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, **kwargs)
         self.images = images if images is not None else self.data_collator.images
         self._image_embeddings = None
+        self._embedded_at_step = None
 
     @property
     def index(self):
@@ -80,7 +81,7 @@ class DSITrainer(Seq2SeqTrainer):
     def _dense_index(self):
         """The dual encoder searches embeddings of the current weights, computed here, where they are used."""
         if self.is_dual_encoder:
-            self._image_embeddings = self.embed_index().to(self.args.device)
+            self._image_embeddings = self._current_index_embeddings().to(self.args.device)
         try:
             yield
         finally:
@@ -151,8 +152,16 @@ class DSITrainer(Seq2SeqTrainer):
         """The model's own `save_pretrained` writes weights, config, code and the image index; for the dual encoder
         the index first gets the embeddings of the weights being saved, so every checkpoint searches on its own."""
         if self.is_dual_encoder:
-            self.index.embeddings = self.embed_index()
+            self.index.embeddings = self._current_index_embeddings()
         super().save_model(output_dir, _internal_call)
+
+    def _current_index_embeddings(self) -> torch.Tensor:
+        """The index embeddings of the weights at this training step, computed once per step: the final save
+        and the final evaluation (or a save and an evaluation at the same step) share them."""
+        step = self.state.global_step
+        if self._embedded_at_step != step or self.index.embeddings is None:
+            self.index.embeddings, self._embedded_at_step = self.embed_index(), step
+        return self.index.embeddings
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer copies only weights and config from a checkpoint before pushing `output_dir`; the pushed repo
