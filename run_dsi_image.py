@@ -24,10 +24,11 @@ from transformers import AutoTokenizer, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_model, model_class_for_variant
 from vit_t5_dsi.arguments import (DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args,
-                                  resolve_demo_defaults)
+                                  pseudo_query_epochs, resolve_demo_defaults)
 from vit_t5_dsi.atomic_io import atomic_write_text
 from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
-from vit_t5_dsi.collection import check_images, load_collection, load_karpathy
+from vit_t5_dsi.collection import check_images
+from vit_t5_dsi.collection_from_flags import collection_for
 from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
 from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
 from vit_t5_dsi.dsi_splits import build_dsi_splits
@@ -36,25 +37,9 @@ from vit_t5_dsi.errors import UsageError
 from vit_t5_dsi.image_embeddings import embed_images
 from vit_t5_dsi.model_card import metrics_table
 from vit_t5_dsi.output_dir import check_output_dir, clear_previous_run
-from vit_t5_dsi.synthetic_scenes import generate_scenes
+from vit_t5_dsi.pseudo_queries import PSEUDO_QUERIES_FILE, PseudoQueries, PseudoQueryRefresh
 
 logger = logging.getLogger("run_dsi_image")
-
-
-def collection_for(data_args: DataArguments, training_args: DSITrainingArguments):
-    if not data_args.is_demo:
-        return load_collection(data_args.karpathy_json, data_args.image_dir, data_args.dataset_name,
-                               data_args.train_file, data_args.validation_file)
-    seed = training_args.seed
-    demo_dir = os.path.join(data_args.demo_dir,
-                            f"scenes_{data_args.demo_num_images}_{data_args.demo_max_objects}obj_seed{seed}")
-    json_path = os.path.join(demo_dir, "dataset_synthetic.json")
-    with training_args.main_process_first(desc="drawing the synthetic demo collection"):
-        if not os.path.exists(json_path):
-            logger.info("Built-in demo: drawing %d synthetic scenes into %s", data_args.demo_num_images, demo_dir)
-            generate_scenes(demo_dir, data_args.demo_num_images, image_size=64, seed=seed,
-                            max_objects=data_args.demo_max_objects, heldout_fraction=0.1)
-    return load_karpathy(json_path, os.path.join(demo_dir, "images"))
 
 
 def new_tokenizer(model_args: ModelArguments, captions: list[str]):
@@ -175,6 +160,37 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
     return index
 
 
+def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, processor, index: ImageIndex,
+                       resume_dir: str | None, training_args: DSITrainingArguments):
+    """The pseudo-queries to train on (a `PseudoQueries` the collator reads) and, for the one-command route, the
+    callback that writes them during training. Evaluation captions never enter: the captioner learns from
+    training captions only, and a file's rows must name indexed images."""
+    keys = splits.index["image_key"][:]
+    if data_args.pseudo_query_images == "uncaptioned":
+        captioned = set(splits.train_queries["image_key"][:])
+        keys = [key for key in keys if key not in captioned]
+    if data_args.pseudo_queries:
+        store = PseudoQueries.load(data_args.pseudo_queries, known_keys=splits.index["image_key"][:])
+        if data_args.pseudo_query_images == "uncaptioned":
+            store = PseudoQueries({key: store.for_key(key) for key in keys}, store.source)
+        logger.info("Pseudo-queries from %s: %s", data_args.pseudo_queries, store.summary())
+        return store, None
+    epochs = pseudo_query_epochs(data_args)
+    if not epochs:
+        return PseudoQueries(), None
+    store = PseudoQueries()
+    refresh = PseudoQueryRefresh(store, keys, images, processor, epochs, data_args.num_pseudo_queries,
+                                 training_args.per_device_eval_batch_size, data_args.pseudo_query_top_k,
+                                 progress=training_args.should_log and not training_args.disable_tqdm)
+    saved = os.path.join(resume_dir, PSEUDO_QUERIES_FILE) if resume_dir else None
+    if saved and os.path.exists(saved):  # a resumed run trains on the pseudo-queries it had
+        store.replace(PseudoQueries.load(saved, known_keys=splits.index["image_key"][:]))
+        with open(os.path.join(resume_dir, "trainer_state.json"), encoding="utf-8") as f:
+            resumed_epoch = json.load(f).get("epoch", 0)
+        refresh.refreshed = [e for e in epochs if e <= resumed_epoch]
+    return store, refresh
+
+
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
@@ -196,7 +212,8 @@ def main(argv=None) -> dict[str, float]:
     logger.info("world size %d, device %s, variant %s", training_args.world_size, training_args.device,
                 model_args.variant)
 
-    collection = check_images(collection_for(data_args, training_args), data_args.skip_bad_images,
+    collection = check_images(collection_for(data_args, training_args.seed, training_args.main_process_first),
+                              data_args.skip_bad_images,
                               progress=training_args.should_log and not training_args.disable_tqdm)
     splits = build_dsi_splits(collection, data_args.num_index_images, data_args.num_eval_images,
                               data_args.seen_captions_per_image, tuple(data_args.heldout_splits.split(",")),
@@ -211,6 +228,9 @@ def main(argv=None) -> dict[str, float]:
                          "images.")
 
     model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir)
+    captioning = data_args.captioning_ratio > 0 or getattr(model.config, "caption_token_id", None) is not None
+    if captioning:
+        model.enable_captioning(processor.tokenizer)
     vocabulary = check_identical_on_every_process(processor.tokenizer.get_vocab(), "caption tokenizer vocabulary")
     if training_args.world_size > 1:
         logger.info("Tokenizer vocabulary identical on all %d processes (digest %s)", training_args.world_size,
@@ -224,12 +244,23 @@ def main(argv=None) -> dict[str, float]:
     check_identical_on_every_process(index.to_dict(), "image index")
     index.resize_model_embeddings(model)
     model.image_index = index
+    if captioning:  # captions never contain identifier-only tokens (kept in the config for every later caption)
+        model.config.caption_suppress_token_ids = index.identifier_only_token_ids(
+            processor.tokenizer(splits.train_queries["caption"][:], add_special_tokens=False)["input_ids"])
 
+    store, refresh = pseudo_queries_for(data_args, splits, images, processor, index, resume_dir, training_args)
+    slots = {key: len(store.for_key(key)) for key in store.queries} if refresh is None else {
+        key: data_args.num_pseudo_queries for key in refresh.keys}
+    train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed,
+                                    data_args.captioning_ratio, slots) if training_args.do_train else None
+    references: dict[str, list[str]] = {}
+    for key, caption in zip(splits.eval_queries["image_key"][:], splits.eval_queries["caption"][:]):
+        references.setdefault(key, []).append(caption)
     trainer = DSITrainer(
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
-        train_dataset=training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed)
-        if training_args.do_train else None,
-        eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images))
+        train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
+        pseudo_queries=store, caption_references=references if captioning else None,
+        callbacks=[refresh] if refresh is not None else None)
     description = (f"built-in synthetic scenes ({len(collection)} images)" if data_args.is_demo else
                    f"{collection.source}: {splits.summary()}")
 
@@ -258,7 +289,13 @@ def main(argv=None) -> dict[str, float]:
             "source": collection.source, "num_indexed": len(splits.index),
             "num_train_queries": len(splits.train_queries), "num_eval_queries": len(splits.eval_queries),
             "num_seen_queries": len(splits.seen_queries), "variant": model.config.variant,
-            "docid_scheme": index.scheme}, indent=2))
+            "docid_scheme": index.scheme,
+            "captioning_rows_per_epoch": round(data_args.captioning_ratio * len(splits.train_queries))
+            if model.config.variant != "dual_encoder" else 0,
+            "pseudo_queries": {**store.summary(), "images": data_args.pseudo_query_images,
+                               "epochs": pseudo_query_epochs(data_args)}}, indent=2))
+        if len(store):
+            store.save(os.path.join(training_args.output_dir, PSEUDO_QUERIES_FILE))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset=description, dataset_tags=data_args.dataset_name)
     end_distributed_run()

@@ -90,6 +90,22 @@ class DataArguments:
         "help": "Indexing accuracy (index_hits@k) is measured on at most this many indexed images (0 = not "
                 "measured)."})
     max_caption_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
+    captioning_ratio: float = field(default=0.0, metadata={
+        "help": "Generative variants: captioning rows (image -> caption, the seed's first step) per training caption "
+                "per epoch, in [0, 1]; 0 = no captioning. Captions of training images only."})
+    pseudo_queries: str | None = field(default=None, metadata={
+        "help": "JSONL of {image_id, caption} pseudo-queries (from generate_pseudo_queries.py or any captioner) "
+                "trained on as retrieval rows, every one once per epoch; never evaluation queries."})
+    pseudo_query_epochs: str | None = field(default=None, metadata={
+        "help": "One-command route: comma-separated epochs at which the model being trained (with "
+                "--captioning_ratio > 0) writes new pseudo-queries, e.g. '100' or '100,200'."})
+    num_pseudo_queries: int = field(default=10, metadata={
+        "help": "Pseudo-queries sampled per image (before deduplication), for --pseudo_query_epochs."})
+    pseudo_query_images: Literal["all", "uncaptioned"] = field(default="all", metadata={
+        "help": "Which indexed images get pseudo-queries: all, or only those without training captions (the "
+                "held-out ones)."})
+    pseudo_query_top_k: int = field(default=20, metadata={
+        "help": "Top-k sampling for pseudo-queries (more diverse with larger k)."})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "Leave out missing/unreadable images (logged with their keys) instead of stopping."})
     augment: bool = field(default=False, metadata={"help": "Random resized crops of training images."})
@@ -140,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def pseudo_query_epochs(data_args: DataArguments) -> list[int]:
+    return [int(e) for e in (data_args.pseudo_query_epochs or "").split(",") if e.strip()]
+
+
 def resolve_demo_defaults(model_args: ModelArguments, data_args: DataArguments) -> None:
     """Fill the defaults that differ between the built-in demo and a user's collection (the one place)."""
     if model_args.semantic_max_leaf_size is None:
@@ -175,6 +195,25 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"--semantic_num_clusters must be >= 2, got {model_args.semantic_num_clusters}.")
     if model_args.semantic_max_leaf_size is not None and model_args.semantic_max_leaf_size < 1:
         raise UsageError(f"--semantic_max_leaf_size must be >= 1, got {model_args.semantic_max_leaf_size}.")
+    if not 0.0 <= data_args.captioning_ratio <= 1.0:
+        raise UsageError(f"--captioning_ratio must be in [0, 1], got {data_args.captioning_ratio}.")
+    if data_args.captioning_ratio > 0 and model_args.variant == "dual_encoder":
+        raise UsageError("--captioning_ratio needs a generative variant: the dual encoder has no decoder.")
+    if data_args.pseudo_query_epochs:
+        if data_args.pseudo_queries:
+            raise UsageError("--pseudo_query_epochs (pseudo-queries written during training) and --pseudo_queries "
+                             "(a file of them) exclude each other.")
+        if data_args.captioning_ratio <= 0:
+            raise UsageError("--pseudo_query_epochs needs --captioning_ratio > 0: the model must learn to caption.")
+        try:
+            epochs = pseudo_query_epochs(data_args)
+        except ValueError:
+            raise UsageError(f"--pseudo_query_epochs {data_args.pseudo_query_epochs!r}: expected comma-separated "
+                             "epoch numbers, e.g. '100,200'.") from None
+        if any(e < 1 for e in epochs):
+            raise UsageError(f"--pseudo_query_epochs must be >= 1 (captioning trains first), got {epochs}.")
+    if data_args.num_pseudo_queries < 1:
+        raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
     if training_args.retrieval_k < 1:
         raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")
     if training_args.fp16 and model_args.variant != "dual_encoder" and not training_args.allow_fp16_t5:
@@ -197,4 +236,5 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
 
 
 __all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "resolve_demo_defaults",
+           "pseudo_query_epochs",
            "check_arguments", "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]

@@ -62,6 +62,10 @@ class ViTT5DSIConfig(PreTrainedConfig):
         Embedding width of the dual encoder (defaults to T5's `d_model`).
     logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
         Initial log temperature of the contrastive loss (CLIP's value, ln(1/0.07)).
+    caption_token_id (`int`, *optional*):
+        Generative variants: the token that starts a caption (the task signal at the decoder's start, like BLIP's
+        decoder token). Set when the model learns captioning; identifiers start directly after the decoder start
+        token, captions after this one, so one decoder writes both without mixing them.
     """
 
     model_type = "vit-t5-dsi"
@@ -79,6 +83,8 @@ class ViTT5DSIConfig(PreTrainedConfig):
     alignment_loss_weight: float = 0.0
     projection_dim: int | None = None
     logit_scale_init_value: float = 2.6592
+    caption_token_id: int | None = None
+    caption_suppress_token_ids: list[int] | None = None
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = False
 
@@ -122,6 +128,9 @@ class ViTT5DSIConfig(PreTrainedConfig):
                 "ViTT5DSIConfig.codebook_straight_through=False only makes sense with variant='codebook', "
                 f"got variant={self.variant!r}."
             )
+        if self.caption_token_id is not None and self.variant not in GENERATIVE_VARIANTS:
+            raise ValueError("ViTT5DSIConfig.caption_token_id needs a generative variant (the dual encoder has no "
+                             "decoder to write captions).")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"ViTT5DSIConfig.projection_dim must be >= 1, got {self.projection_dim}.")
 

@@ -7,6 +7,7 @@ It runs in DataLoader workers, so no image work happens in the training process 
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -14,7 +15,9 @@ from .dsi_splits import DSISplits
 from .image_index import ImageIndex
 from .image_processing import load_rgb
 
-INDEXING, RETRIEVAL = 0, 1  # `kind` of a row: image -> id, or caption -> id
+# `kind` of a row: image -> id, caption -> id, image -> caption (the caption decoder), and a pseudo-query slot
+# (caption -> id, whose caption the collator takes from the current pseudo-queries of that image)
+INDEXING, RETRIEVAL, CAPTIONING, PSEUDO_QUERY = 0, 1, 2, 3
 
 
 class ImageSource:
@@ -34,29 +37,48 @@ class ImageSource:
             yield processor(images=[self.load(k) for k in keys[start:start + batch_size]])["pixel_values"]
 
 
-def _rows(keys, captions, kind, evaluate) -> datasets.Dataset:
+def _rows(keys, captions, kind, evaluate, slots=None) -> datasets.Dataset:
     """`query_id` numbers evaluation rows so padding duplicates of distributed evaluation can be dropped."""
     return datasets.Dataset.from_dict({"image_key": list(keys), "caption": list(captions),
                                        "kind": [kind] * len(keys), "evaluate": [evaluate] * len(keys),
-                                       "query_id": list(range(len(keys)))})
+                                       "query_id": list(range(len(keys))),
+                                       "slot": list(slots) if slots is not None else [0] * len(keys)})
 
 
-def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | None = None,
-                    seed: int = 42) -> datasets.Dataset:
-    """Generative variants: indexing and retrieval rows co-trained, `indexing_ratio` of them indexing (None:
-    every image once and every caption once per epoch). The dual encoder: (image, caption) pairs."""
-    retrieval = _rows(splits.train_queries["image_key"][:], splits.train_queries["caption"][:], RETRIEVAL, False)
+def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | None = None, seed: int = 42,
+                    captioning_ratio: float = 0.0, pseudo_query_slots: dict[str, int] | None = None
+                    ) -> datasets.Dataset:
+    """The rows of one epoch.
+
+    Generative variants: indexing rows (every image) co-trained with retrieval rows (training captions), plus
+    `captioning_ratio` x the training captions as captioning rows (image -> caption; training captions only, never
+    a held-out image's), plus `pseudo_query_slots[key]` pseudo-query rows per image. `indexing_ratio` (None: every
+    row once per epoch) sets the share of indexing rows. The dual encoder: (image, caption) pairs, pseudo-queries
+    included.
+    """
+    train_keys, train_captions = splits.train_queries["image_key"][:], splits.train_queries["caption"][:]
+    texts = [_rows(train_keys, train_captions, RETRIEVAL, False)]
+    slots = [(key, j) for key, count in (pseudo_query_slots or {}).items() for j in range(count)]
+    if slots:
+        texts.append(_rows([k for k, _ in slots], [""] * len(slots), PSEUDO_QUERY, False, [j for _, j in slots]))
     if variant == "dual_encoder":
-        return retrieval
+        return datasets.concatenate_datasets(texts).shuffle(seed=seed) if len(texts) > 1 else texts[0]
+    if not 0.0 <= captioning_ratio <= 1.0:
+        raise ValueError(f"captioning_ratio must be in [0, 1], got {captioning_ratio}.")
+    if captioning_ratio > 0 and train_keys:
+        chosen = sorted(np.random.default_rng(seed).choice(len(train_keys), round(captioning_ratio * len(train_keys)),
+                                                           replace=False).tolist())
+        texts.append(_rows([train_keys[i] for i in chosen], [train_captions[i] for i in chosen], CAPTIONING, False))
+    others = datasets.concatenate_datasets(texts) if len(texts) > 1 else texts[0]
     keys = splits.index["image_key"][:]
     indexing = _rows(keys, [""] * len(keys), INDEXING, False)
-    if len(retrieval) == 0 or indexing_ratio == 1.0:
+    if len(others) == 0 or indexing_ratio == 1.0:
         return indexing
     if indexing_ratio is None:
-        return datasets.concatenate_datasets([indexing, retrieval]).shuffle(seed=seed)
+        return datasets.concatenate_datasets([indexing, others]).shuffle(seed=seed)
     if not 0.0 < indexing_ratio < 1.0:
         raise ValueError(f"indexing_ratio must be in (0, 1], got {indexing_ratio}.")
-    return datasets.interleave_datasets([indexing, retrieval], probabilities=[indexing_ratio, 1 - indexing_ratio],
+    return datasets.interleave_datasets([indexing, others], probabilities=[indexing_ratio, 1 - indexing_ratio],
                                         seed=seed, stopping_strategy="all_exhausted")
 
 
@@ -78,14 +100,19 @@ def evaluation_sets(splits: DSISplits, max_index_eval_images: int | None = None)
 
 
 class DSICollator:
-    """Rows -> model inputs. Training rows: images first, then captions, with identifier `labels` (generative)
-    or image-position `labels` (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
+    """Rows -> model inputs. Training rows: image inputs first (indexing, then captioning), then captions, with
+    `labels` in that order: identifiers, or `[caption token] + caption` for captioning rows (generative), or
+    image positions (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
 
-    def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False):
+    def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
+                 caption_token_id: int | None = None, pseudo_queries=None):
         """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
         only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
-        jitter are left out: they would contradict captions that name sides and colours."""
+        jitter are left out: they would contradict captions that name sides and colours. `pseudo_queries` (a
+        `PseudoQueries`, refreshed in place during training) fills pseudo-query rows; an image without any yet
+        is indexed instead."""
         self.index, self.images, self.processor, self.variant = index, images, processor, variant
+        self.caption_token_id, self.pseudo_queries = caption_token_id, pseudo_queries
         self._crop = None
         if augment:
             from torchvision.transforms import RandomResizedCrop
@@ -102,14 +129,37 @@ class DSICollator:
     def _text(self, captions):
         return dict(self.processor(text=captions))
 
-    def _labels(self, keys) -> torch.Tensor:
-        labels = [self.index.labels_for(k) for k in keys]
+    def _caption_labels(self, captions) -> list[list[int]]:
+        if self.caption_token_id is None:
+            raise ValueError("Captioning rows need a model with a caption token (model.enable_captioning).")
+        tokenized = self.processor.tokenizer(captions, truncation=True,
+                                             max_length=self.processor.max_caption_length)["input_ids"]
+        return [[self.caption_token_id] + list(ids) for ids in tokenized]
+
+    @staticmethod
+    def _pad(labels: list[list[int]]) -> torch.Tensor:
         width = max(len(label) for label in labels)
         return torch.tensor([label + [-100] * (width - len(label)) for label in labels])
 
+    def _resolve_pseudo_queries(self, rows: list[dict]) -> list[dict]:
+        resolved = []
+        for row in rows:
+            if row["kind"] == PSEUDO_QUERY:
+                texts = self.pseudo_queries.for_key(row["image_key"]) if self.pseudo_queries is not None else []
+                if texts:
+                    row = {**row, "kind": RETRIEVAL, "caption": texts[row["slot"] % len(texts)]}
+                elif self.variant == "dual_encoder":
+                    continue
+                else:
+                    row = {**row, "kind": INDEXING}
+            resolved.append(row)
+        return resolved
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        rows = self._resolve_pseudo_queries(rows)
         images = [r for r in rows if r["kind"] == INDEXING]
         captions = [r for r in rows if r["kind"] == RETRIEVAL]
+        captioning = [r for r in rows if r["kind"] == CAPTIONING]
         batch: dict[str, torch.Tensor] = {}
         if rows[0]["evaluate"]:
             if images and captions:
@@ -128,12 +178,17 @@ class DSICollator:
             batch.update(self._text([r["caption"] for r in captions]))
             batch["labels"] = torch.tensor([self.index.position_of_key[k] for k in keys])
             return batch
-        if images:
-            batch["pixel_values"] = self._pixels([r["image_key"] for r in images], training=True)
+        image_rows = images + captioning
+        if image_rows:
+            batch["pixel_values"] = self._pixels([r["image_key"] for r in image_rows], training=True)
         if captions:
             batch.update(self._text([r["caption"] for r in captions]))
-        batch["labels"] = self._labels([r["image_key"] for r in images + captions])
+        labels = ([self.index.labels_for(r["image_key"]) for r in images]
+                  + (self._caption_labels([r["caption"] for r in captioning]) if captioning else [])
+                  + [self.index.labels_for(r["image_key"]) for r in captions])
+        batch["labels"] = self._pad(labels)
         return batch
 
 
-__all__ = ["ImageSource", "training_stream", "evaluation_sets", "DSICollator", "INDEXING", "RETRIEVAL"]
+__all__ = ["ImageSource", "training_stream", "evaluation_sets", "DSICollator", "INDEXING", "RETRIEVAL",
+           "CAPTIONING", "PSEUDO_QUERY"]

@@ -22,8 +22,9 @@ from transformers import Seq2SeqTrainer
 
 from .dsi_data import DSICollator, ImageSource
 from .image_embeddings import embed_images
-from .metrics import compute_ranking_metrics, reported_ks
+from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
+from .pseudo_queries import generate_captions
 from .ranking import rank_by_generation, rank_by_similarity
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,11 @@ class DSITrainer(Seq2SeqTrainer):
     processor unless one is given; `args.retrieval_k` (default 10) sets the beams and the reported Hits@k."""
 
     def __init__(self, model=None, args=None, *, images: ImageSource | None = None, augment: bool = False,
-                 retrieval_k: int | None = None, **kwargs):
+                 retrieval_k: int | None = None, pseudo_queries=None,
+                 caption_references: dict[str, list[str]] | None = None, **kwargs):
+        """`pseudo_queries`: the `PseudoQueries` that fill pseudo-query rows (refreshed in place during training).
+        `caption_references`: held-out image key -> its real captions; with a captioning model, every full
+        evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images."""
         if model is None or getattr(model, "image_index", None) is None:
             raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
@@ -54,11 +59,13 @@ class DSITrainer(Seq2SeqTrainer):
                              "images.")
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
-                                                  model.config.variant, augment)
+                                                  model.config.variant, augment,
+                                                  getattr(model.config, "caption_token_id", None), pseudo_queries)
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
                                                                      min(10, self.retrieval_k)))
         super().__init__(model=model, args=args, **kwargs)
         self.images = images if images is not None else self.data_collator.images
+        self.caption_references = caption_references or {}
         self._image_embeddings = None
         self._embedded_at_step = None
 
@@ -95,7 +102,22 @@ class DSITrainer(Seq2SeqTrainer):
             metrics = {}
             for prefix, dataset in self.eval_sets.items():
                 metrics.update(super().evaluate(dataset, ignore_keys, prefix, **gen_kwargs))
+            captions = self.evaluate_captions()
+            if captions:
+                self.log(captions)
+                metrics.update(captions)
             return metrics
+
+    def evaluate_captions(self) -> dict[str, float]:
+        """`eval_caption_bleu` / `eval_caption_exact`: one beam-searched caption per held-out image against its
+        real captions (empty when the model does not caption or no references were given)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.caption_references or getattr(model.config, "caption_token_id", None) is None:
+            return {}
+        keys = list(self.caption_references)
+        captions = generate_captions(model, keys, self.images, self.processing_class,
+                                     self.args.per_device_eval_batch_size, self.args.device)
+        return {f"eval_{name}": value for name, value in caption_metrics(captions, self.caption_references).items()}
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
         """Ranked index positions per query (`predictions`, (N, retrieval_k), -1 for an empty slot)."""

@@ -1,13 +1,14 @@
-"""One embedding per indexed image, from whichever model holds an image tower: the one loop over the collection.
+"""One pass of a model over the indexed images: embeddings, captions, pseudo-queries all go through `map_images`.
 
-Semantic identifiers cluster these embeddings and the dual encoder searches them. Under DDP each process embeds
-its own share of the images and the shares are gathered in order, so no process waits while another embeds the
-whole collection (on 10K images that wait alone could reach the collective timeout) and the work is not repeated.
+Semantic identifiers cluster image embeddings, the dual encoder searches them, and the caption decoder writes
+captions from the same pixels. Under DDP each process works on its own share of the images and the shares are
+gathered in order, so no process waits while another processes the whole collection (on 10K images that wait
+alone could reach the collective timeout) and the work is not repeated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,37 +21,43 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_images(model, keys: Sequence[str], images, processor, batch_size: int = 64,
-                 device: torch.device | str | None = None, desc: str | None = None,
-                 distributed: bool = True) -> torch.Tensor:
-    """(len(keys), d) float32 CPU embeddings in `keys` order, computed on `device` (default: the model's).
-
-    Call it on every process when `distributed` (it gathers); with `distributed=False` one process embeds all.
-    """
+def map_images(model, keys: Sequence[str], images, processor, compute: Callable[[torch.Tensor], Sequence],
+               batch_size: int = 64, device: torch.device | str | None = None, desc: str | None = None,
+               distributed: bool = True) -> list:
+    """`compute(pixel_values)` -> one result per image, for every key, in `keys` order, with the model in eval
+    mode on `device` (default: the model's). Call it on every process when `distributed` (it gathers)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState() if distributed else None
+    sharded = state is not None and state.num_processes > 1
     device = torch.device(device) if device is not None else model.device
+    keys = list(keys)
+    local_keys = keys
+    if sharded:
+        with state.split_between_processes(keys) as share:
+            local_keys = list(share)
     was_training = model.training
     model.eval()
-    keys = list(keys)
+    results: list = []
     try:
-        if state is None or state.num_processes == 1:
-            local_keys = keys
-        else:
-            with state.split_between_processes(keys) as share:
-                local_keys = list(share)
-        rows = [image_features(model, pixels.to(device)).float().cpu()
-                for pixels in images.batches(local_keys, processor, batch_size,
-                                             desc=desc if state is None or state.is_main_process else None)]
+        for pixels in images.batches(local_keys, processor, batch_size,
+                                     desc=desc if state is None or state.is_main_process else None):
+            results.extend(compute(pixels.to(device)))
     finally:
         model.train(was_training)
-    local = torch.cat(rows) if rows else None
-    if state is None or state.num_processes == 1:
-        return local if local is not None else torch.zeros((0, 0))
-    shares = [share for share in gather_object([local]) if share is not None]
-    return torch.cat(shares)
+    if not sharded:
+        return results
+    return [item for share in gather_object([results]) for item in share]
 
 
-__all__ = ["embed_images", "image_features"]
+def embed_images(model, keys: Sequence[str], images, processor, batch_size: int = 64,
+                 device: torch.device | str | None = None, desc: str | None = None,
+                 distributed: bool = True) -> torch.Tensor:
+    """(len(keys), d) float32 CPU embeddings in `keys` order (`image_features` of each image)."""
+    rows = map_images(model, keys, images, processor, lambda pixels: image_features(model, pixels).float().cpu(),
+                      batch_size, device, desc, distributed)
+    return torch.stack(rows) if rows else torch.zeros((0, 0))
+
+
+__all__ = ["map_images", "embed_images", "image_features"]

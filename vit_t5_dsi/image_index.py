@@ -151,6 +151,12 @@ class ImageIndex:
             return -1
         return self.position_of_tokens.get(tuple(tokens[:end]), -1)
 
+    def identifier_only_token_ids(self, caption_token_ids) -> list[int]:
+        """Tokens that identifiers use and no caption does (`caption_token_ids`: the tokenized training captions):
+        what a caption must never contain, so the caption decoder cannot write an identifier."""
+        in_captions = {int(t) for ids in caption_token_ids for t in ids}
+        return sorted({t for ids in self.token_ids for t in ids} - in_captions)
+
     # ----- the decoding constraint -----------------------------------------------------------------
     @cached_property
     def trie(self) -> IdTrie:

@@ -40,6 +40,27 @@ def ranking_metrics(ranked: np.ndarray, gold: Sequence[int], ks: Sequence[int] =
     return metrics
 
 
+def caption_metrics(hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """Caption quality on images whose captions never trained: corpus BLEU-4 (sacrebleu, 0-100) of one caption
+    per image against all its real captions, and the share of images whose caption equals one of them exactly
+    (case and spacing ignored). Tells a weak captioner from a weak index."""
+    import sacrebleu
+
+    keys = [key for key in hypotheses if references.get(key)]
+    if not keys:
+        return {}
+    width = max(len(references[key]) for key in keys)
+    # sacrebleu takes reference streams of equal length; repeating a reference leaves BLEU unchanged
+    streams = [[references[key][min(i, len(references[key]) - 1)] for key in keys] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu([hypotheses[key] for key in keys], streams).score
+
+    def normal(text):
+        return " ".join(text.lower().split())
+
+    exact = sum(normal(hypotheses[key]) in {normal(r) for r in references[key]} for key in keys) / len(keys)
+    return {"caption_bleu": float(bleu), "caption_exact": float(exact), "caption_num_images": len(keys)}
+
+
 def reported_ks(retrieval_k: int) -> tuple[int, ...]:
     """The Hits@k a search with `retrieval_k` results can support: 1, 5, 10 up to retrieval_k, and retrieval_k
     itself (a 1-beam search reports Hits@1 only, never a Hits@10 it could not have measured)."""
@@ -83,5 +104,5 @@ def compute_metrics_for_generation(index: ImageIndex, num_return_sequences: int,
     return compute
 
 
-__all__ = ["reported_ks", "gold_ranks", "hits_at_k", "mrr_at_k", "ranking_metrics", "compute_ranking_metrics",
+__all__ = ["caption_metrics", "reported_ks", "gold_ranks", "hits_at_k", "mrr_at_k", "ranking_metrics", "compute_ranking_metrics",
            "compute_metrics_for_generation"]

@@ -34,6 +34,8 @@ from .optional_imports import optional_import
 
 logger = logging.getLogger(__name__)
 
+CAPTION_TOKEN = "<caption>"
+
 
 def build_vision_tower(vision_config) -> PreTrainedModel:
     """The image tower for a vision sub-config; ViT without its pooler (unused parameters break DDP)."""
@@ -305,6 +307,41 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
             attention_mask = torch.ones(encoder_outputs.last_hidden_state.shape[:2], dtype=torch.long,
                                         device=encoder_outputs.last_hidden_state.device)
         return super().generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask, **kwargs)
+
+
+    # ----- captioning (the seed's first step) -------------------------------------------------------
+    def enable_captioning(self, tokenizer) -> int:
+        """Give the decoder a caption task token (added to `tokenizer` if missing; embeddings resized) and return
+        its id. Caption labels start with it; identifier labels never contain it, and the identifier trie never
+        allows it."""
+        if CAPTION_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [CAPTION_TOKEN]})
+        token_id = tokenizer.convert_tokens_to_ids(CAPTION_TOKEN)
+        if self.get_input_embeddings().num_embeddings <= token_id:
+            self.resize_token_embeddings(token_id + 1)
+        self.config.caption_token_id = token_id
+        return token_id
+
+    @torch.no_grad()
+    def caption(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, suppress_token_ids=(),
+                **generate_kwargs) -> torch.Tensor:
+        """Caption token ids (B * num_return_sequences, L) for a batch of images, without the task prefix.
+
+        Decoding starts from (decoder start, caption token), so the decoder is in caption mode from its first
+        step; `config.caption_suppress_token_ids` (identifier-only tokens) and `suppress_token_ids` are never
+        written. Pass `do_sample`,
+        `top_k`, `num_return_sequences`... for sampled pseudo-queries, `num_beams` for one careful caption.
+        """
+        if self.config.caption_token_id is None:
+            raise ValueError("This model was not trained to caption (config.caption_token_id is None).")
+        batch = pixel_values.shape[0]
+        prefix = torch.tensor([[self.config.decoder_start_token_id, self.config.caption_token_id]],
+                              device=pixel_values.device).repeat(batch, 1)
+        suppress = sorted({int(t) for t in suppress_token_ids} | set(self.config.caption_suppress_token_ids or ())
+                          | {self.config.caption_token_id})
+        out = self.generate(pixel_values=pixel_values, decoder_input_ids=prefix, max_new_tokens=max_new_tokens,
+                            suppress_tokens=suppress, **generate_kwargs)
+        return out[:, prefix.shape[1]:]
 
 
 @dataclass

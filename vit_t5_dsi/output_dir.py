@@ -17,7 +17,8 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 # what an earlier run left that a new one must not inherit (weights and code are rewritten by the new run)
-RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "protocol.json", "trainer_state.json")
+RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "protocol.json", "trainer_state.json",
+               "pseudo_queries.jsonl")
 MODEL_STATE = ("image_index.json", "image_embeddings.safetensors", "model.safetensors", "model.safetensors.index.json",
                "config.json", "generation_config.json")
 

@@ -1,0 +1,191 @@
+"""Pseudo-queries: captions a model writes for indexed images, trained on as extra retrieval rows (caption -> id).
+
+This is the seed's first step (Image Caption) feeding its second (DSI), and text DSI's strongest lever
+(DSI-QG, NCI: index each item through queries generated from it). A held-out image, whose only real training
+signal is its pixels, gets captions that the retrieval task can then learn to map to its identifier.
+
+The file layout is JSONL, one query per row: {"image_id": key, "caption": text} (extra fields are kept as
+provenance), so captions from any captioner (BLIP, a human) can be used the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from .atomic_io import atomic_write_text
+from .errors import CollectionError
+from .image_embeddings import map_images
+
+logger = logging.getLogger(__name__)
+
+
+class PseudoQueries:
+    """Image key -> its pseudo-queries (distinct, non-empty, in generation order), and where they came from."""
+
+    def __init__(self, queries: dict[str, list[str]] | None = None, source: str = "none"):
+        self.queries: dict[str, list[str]] = {}
+        self.source = source
+        for key, texts in (queries or {}).items():
+            self.add(key, texts)
+
+    def add(self, key: str, texts: Sequence[str]) -> None:
+        """Append `texts` to `key`'s queries, dropping empty ones and repeats (whitespace-normalised)."""
+        kept = self.queries.setdefault(str(key), [])
+        seen = {" ".join(t.split()).lower() for t in kept}
+        for text in texts:
+            normalised = " ".join(str(text).split())
+            if normalised and normalised.lower() not in seen:
+                seen.add(normalised.lower())
+                kept.append(normalised)
+        if not kept:
+            del self.queries[str(key)]
+
+    def replace(self, other: "PseudoQueries") -> None:
+        """Take `other`'s queries and source (a refresh during training updates the object the collator holds)."""
+        self.queries, self.source = dict(other.queries), other.source
+
+    def for_key(self, key: str) -> list[str]:
+        return self.queries.get(str(key), [])
+
+    def __len__(self) -> int:
+        return sum(len(texts) for texts in self.queries.values())
+
+    @property
+    def num_images(self) -> int:
+        return len(self.queries)
+
+    def summary(self) -> dict:
+        counts = [len(texts) for texts in self.queries.values()]
+        return {"source": self.source, "num_pseudo_queries": len(self), "num_images": self.num_images,
+                "per_image_min": min(counts, default=0), "per_image_max": max(counts, default=0),
+                "per_image_mean": round(sum(counts) / len(counts), 3) if counts else 0.0}
+
+    # ----- files -----------------------------------------------------------------------------------
+    def to_jsonl(self) -> str:
+        return "".join(json.dumps({"image_id": key, "caption": text, "source": self.source}) + "\n"
+                       for key, texts in self.queries.items() for text in texts)
+
+    def save(self, path: str) -> str:
+        return atomic_write_text(path, self.to_jsonl())
+
+    @classmethod
+    def load(cls, path: str, known_keys: Sequence[str] | None = None) -> "PseudoQueries":
+        """Read a pseudo-query JSONL file; a row with no image_id, an unknown image key or an empty caption is an
+        error naming the file and line."""
+        known = set(map(str, known_keys)) if known_keys is not None else None
+        store, sources = cls(source=path), set()
+        try:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{number}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise CollectionError(f"{where}: not valid JSON ({err}).") from err
+                    if not isinstance(row, dict) or "image_id" not in row:
+                        raise CollectionError(f"{where}: row has no 'image_id'.")
+                    key, caption = str(row["image_id"]), row.get("caption")
+                    if known is not None and key not in known:
+                        raise CollectionError(f"{where}: image {key!r} is not in the indexed collection.")
+                    if not isinstance(caption, str) or not caption.strip():
+                        raise CollectionError(f"{where}: image {key!r} has an empty caption.")
+                    store.add(key, [caption])
+                    if row.get("source"):
+                        sources.add(str(row["source"]))
+        except FileNotFoundError as err:
+            raise CollectionError(f"{path}: no such file.") from err
+        store.source = ", ".join(sorted(sources)) if sources else path
+        return store
+
+
+def generate_pseudo_queries(model, keys: Sequence[str], images, processor, num_queries: int = 10,
+                            batch_size: int = 32, device: torch.device | str | None = None, top_k: int = 20,
+                            max_new_tokens: int = 32, suppress_token_ids: Sequence[int] = (),
+                            desc: str | None = None, distributed: bool = True) -> dict[str, list[str]]:
+    """Sample `num_queries` captions per image with the model's caption decoder (top-k sampling, DSI-QG style),
+    deduplicated, empty ones dropped. Under DDP each process captions its share; every process gets all."""
+
+    def sample(pixels):
+        tokens = model.caption(pixels, max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
+                               num_return_sequences=num_queries, suppress_token_ids=suppress_token_ids)
+        texts = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [texts[i:i + num_queries] for i in range(0, len(texts), num_queries)]
+
+    sampled = map_images(model, keys, images, processor, sample, batch_size, device, desc, distributed)
+    store = PseudoQueries(dict(zip(map(str, keys), sampled)))
+    return {key: store.for_key(key) for key in map(str, keys) if store.for_key(key)}
+
+
+def generate_captions(model, keys: Sequence[str], images, processor, batch_size: int = 32,
+                      device: torch.device | str | None = None, num_beams: int = 4, max_new_tokens: int = 32,
+                      suppress_token_ids: Sequence[int] = (), desc: str | None = None,
+                      distributed: bool = True) -> dict[str, str]:
+    """One beam-searched caption per image (caption-quality metrics, `DSIRetriever.caption`)."""
+
+    def describe(pixels):
+        tokens = model.caption(pixels, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                               suppress_token_ids=suppress_token_ids)
+        return [" ".join(text.split()) for text in processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    return dict(zip(map(str, keys), map_images(model, keys, images, processor, describe, batch_size, device, desc,
+                                                distributed)))
+
+
+PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
+
+
+class PseudoQueryRefresh(TrainerCallback):
+    """The one-command route: at the start of each epoch in `epochs`, the model being trained writes new
+    pseudo-queries for `keys` with its caption decoder, and they replace `store`'s, which the collator reads.
+
+    Co-trained captioning rows teach the decoder to caption first; from the first refresh on, pseudo-query rows
+    carry the new captions. The store is written to `output_dir/pseudo_queries.jsonl` at each refresh and into
+    every checkpoint, so a resumed run trains on the same pseudo-queries.
+    """
+
+    def __init__(self, store: PseudoQueries, keys: Sequence[str], images, processor, epochs: Sequence[int],
+                 num_queries: int = 10, batch_size: int = 32, top_k: int = 20,
+                 suppress_token_ids: Sequence[int] = (), progress: bool = True):
+        self.store, self.keys, self.images, self.processor = store, list(keys), images, processor
+        self.epochs = sorted(set(int(e) for e in epochs))
+        self.num_queries, self.batch_size, self.top_k = num_queries, batch_size, top_k
+        self.suppress_token_ids, self.progress = list(suppress_token_ids), progress
+        self.refreshed: list[int] = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        epoch = int(round(state.epoch or 0))
+        if epoch not in self.epochs or epoch in self.refreshed:
+            return
+        start = time.perf_counter()
+        queries = generate_pseudo_queries(model, self.keys, self.images, self.processor, self.num_queries,
+                                          self.batch_size, args.device, self.top_k,
+                                          suppress_token_ids=self.suppress_token_ids,
+                                          desc=f"Pseudo-queries (epoch {epoch})" if self.progress else None)
+        self.store.replace(PseudoQueries(queries, source=f"the model's own caption decoder at epoch {epoch} "
+                                                         f"(step {state.global_step}), {self.num_queries} samples "
+                                                         f"per image, top-k {self.top_k}"))
+        self.refreshed.append(epoch)
+        if state.is_world_process_zero:
+            self.store.save(os.path.join(args.output_dir, PSEUDO_QUERIES_FILE))
+            summary = self.store.summary()
+            logger.info("Epoch %d: %d pseudo-queries for %d images (%.1f s)", epoch, summary["num_pseudo_queries"],
+                        summary["num_images"], time.perf_counter() - start)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and len(self.store):
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(checkpoint):
+                self.store.save(os.path.join(checkpoint, PSEUDO_QUERIES_FILE))
+
+
+__all__ = ["PseudoQueries", "PseudoQueryRefresh", "generate_pseudo_queries", "generate_captions",
+           "PSEUDO_QUERIES_FILE"]
