@@ -160,6 +160,14 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
     return index
 
 
+def caption_references(splits) -> dict[str, list[str]]:
+    """Held-out image key -> its real captions: the references of caption-quality metrics (never trained on)."""
+    references: dict[str, list[str]] = {}
+    for key, caption in zip(splits.eval_queries["image_key"][:], splits.eval_queries["caption"][:]):
+        references.setdefault(key, []).append(caption)
+    return references
+
+
 def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, processor, index: ImageIndex,
                        resume_dir: str | None, training_args: DSITrainingArguments):
     """The pseudo-queries to train on (a `PseudoQueries` the collator reads) and, for the one-command route, the
@@ -181,13 +189,16 @@ def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, pr
     store = PseudoQueries()
     refresh = PseudoQueryRefresh(store, keys, images, processor, epochs, data_args.num_pseudo_queries,
                                  training_args.per_device_eval_batch_size, data_args.pseudo_query_top_k,
-                                 progress=training_args.should_log and not training_args.disable_tqdm)
+                                 progress=training_args.should_log and not training_args.disable_tqdm,
+                                 stop_captioning_after_last=not data_args.keep_captioning,
+                                 references=caption_references(splits))
     saved = os.path.join(resume_dir, PSEUDO_QUERIES_FILE) if resume_dir else None
     if saved and os.path.exists(saved):  # a resumed run trains on the pseudo-queries it had
         store.replace(PseudoQueries.load(saved, known_keys=splits.index["image_key"][:]))
         with open(os.path.join(resume_dir, "trainer_state.json"), encoding="utf-8") as f:
             resumed_epoch = json.load(f).get("epoch", 0)
         refresh.refreshed = [e for e in epochs if e <= resumed_epoch]
+        store.captioning_finished = not data_args.keep_captioning and epochs[-1] in refresh.refreshed
     return store, refresh
 
 
@@ -250,12 +261,10 @@ def main(argv=None) -> dict[str, float]:
 
     store, refresh = pseudo_queries_for(data_args, splits, images, processor, index, resume_dir, training_args)
     slots = {key: len(store.for_key(key)) for key in store.queries} if refresh is None else {
-        key: data_args.num_pseudo_queries for key in refresh.keys}
+        key: data_args.pseudo_query_rows_per_image or data_args.num_pseudo_queries for key in refresh.keys}
     train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed,
                                     data_args.captioning_ratio, slots) if training_args.do_train else None
-    references: dict[str, list[str]] = {}
-    for key, caption in zip(splits.eval_queries["image_key"][:], splits.eval_queries["caption"][:]):
-        references.setdefault(key, []).append(caption)
+    references = caption_references(splits)
     trainer = DSITrainer(
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),

@@ -179,3 +179,20 @@ def test_standalone_pseudo_queries_resume_and_train(tmp_path):
     protocol = json.loads((tmp_path / "with_pq" / "protocol.json").read_text())
     assert protocol["pseudo_queries"]["num_pseudo_queries"] == len(rows)
     assert str(tmp_path / "out") in protocol["pseudo_queries"]["source"]
+
+
+def test_the_demo_indexes_held_out_images_through_pseudo_queries_unless_told_otherwise():
+    from vit_t5_dsi.arguments import DEMO_PSEUDO_QUERIES, DataArguments, ModelArguments, resolve_demo_defaults
+
+    model_args, data_args = ModelArguments(), DataArguments()
+    resolve_demo_defaults(model_args, data_args)
+    assert {name: getattr(data_args, name) for name in DEMO_PSEUDO_QUERIES} == DEMO_PSEUDO_QUERIES
+    opted_out = DataArguments(captioning_ratio=0.0)
+    resolve_demo_defaults(ModelArguments(), opted_out)
+    assert opted_out.pseudo_query_epochs is None and opted_out.pseudo_query_images == "all"
+    user_data = DataArguments(karpathy_json="data.json", image_dir=".")
+    resolve_demo_defaults(ModelArguments(), user_data)
+    assert user_data.captioning_ratio == 0.0 and user_data.pseudo_query_epochs is None
+    dense = DataArguments()
+    resolve_demo_defaults(ModelArguments(variant="dual_encoder"), dense)
+    assert dense.captioning_ratio == 0.0

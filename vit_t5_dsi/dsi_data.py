@@ -105,14 +105,17 @@ class DSICollator:
     image positions (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
-                 caption_token_id: int | None = None, pseudo_queries=None):
+                 caption_token_id: int | None = None, pseudo_queries=None, pixel_cache_mb: float = 1024):
         """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
         only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
         jitter are left out: they would contradict captions that name sides and colours. `pseudo_queries` (a
         `PseudoQueries`, refreshed in place during training) fills pseudo-query rows; an image without any yet
-        is indexed instead."""
+        is indexed instead. Un-augmented pixels are kept in memory up to `pixel_cache_mb` (per DataLoader worker):
+        images are decoded and resized once, not once per epoch."""
         self.index, self.images, self.processor, self.variant = index, images, processor, variant
         self.caption_token_id, self.pseudo_queries = caption_token_id, pseudo_queries
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cache_budget = int(pixel_cache_mb * 2 ** 20)
         self._crop = None
         if augment:
             from torchvision.transforms import RandomResizedCrop
@@ -121,10 +124,18 @@ class DSICollator:
             self._crop = RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(0.9, 1.1))
 
     def _pixels(self, keys, training: bool = False):
-        images = [self.images.load(k) for k in keys]
         if training and self._crop is not None:
-            images = [self._crop(image) for image in images]
-        return self.processor(images=images)["pixel_values"]
+            images = [self._crop(self.images.load(k)) for k in keys]
+            return self.processor(images=images)["pixel_values"]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        if missing:
+            fresh = dict(zip(missing, self.processor(images=[self.images.load(k) for k in missing])["pixel_values"]))
+            for key, pixels in fresh.items():
+                if self._cache_budget >= pixels.numel() * pixels.element_size():
+                    self._cache[key] = pixels
+                    self._cache_budget -= pixels.numel() * pixels.element_size()
+            return torch.stack([self._cache[k] if k in self._cache else fresh[k] for k in keys])
+        return torch.stack([self._cache[k] for k in keys])
 
     def _text(self, captions):
         return dict(self.processor(text=captions))
@@ -160,6 +171,8 @@ class DSICollator:
         images = [r for r in rows if r["kind"] == INDEXING]
         captions = [r for r in rows if r["kind"] == RETRIEVAL]
         captioning = [r for r in rows if r["kind"] == CAPTIONING]
+        if captioning and self.pseudo_queries is not None and self.pseudo_queries.captioning_finished:
+            captioning = []  # the last pseudo-queries are written: the caption decoder has done its job
         batch: dict[str, torch.Tensor] = {}
         if rows[0]["evaluate"]:
             if images and captions:

@@ -32,6 +32,8 @@ class PseudoQueries:
     def __init__(self, queries: dict[str, list[str]] | None = None, source: str = "none"):
         self.queries: dict[str, list[str]] = {}
         self.source = source
+        self.captioning_finished = False  # set after the last scheduled refresh when captioning should stop
+        self.captioner_metrics: dict[str, float] = {}  # caption quality of the writer, on held-out images
         for key, texts in (queries or {}).items():
             self.add(key, texts)
 
@@ -63,7 +65,8 @@ class PseudoQueries:
 
     def summary(self) -> dict:
         counts = [len(texts) for texts in self.queries.values()]
-        return {"source": self.source, "num_pseudo_queries": len(self), "num_images": self.num_images,
+        return {"source": self.source, **self.captioner_metrics, "num_pseudo_queries": len(self),
+                "num_images": self.num_images,
                 "per_image_min": min(counts, default=0), "per_image_max": max(counts, default=0),
                 "per_image_mean": round(sum(counts) / len(counts), 3) if counts else 0.0}
 
@@ -148,17 +151,21 @@ class PseudoQueryRefresh(TrainerCallback):
     pseudo-queries for `keys` with its caption decoder, and they replace `store`'s, which the collator reads.
 
     Co-trained captioning rows teach the decoder to caption first; from the first refresh on, pseudo-query rows
-    carry the new captions. The store is written to `output_dir/pseudo_queries.jsonl` at each refresh and into
+    carry the new captions. After the last refresh captioning rows stop (unless `stop_captioning_after_last` is
+    False): in a mixed batch every label is padded to caption length, so they cost far more than they weigh. The store is written to `output_dir/pseudo_queries.jsonl` at each refresh and into
     every checkpoint, so a resumed run trains on the same pseudo-queries.
     """
 
     def __init__(self, store: PseudoQueries, keys: Sequence[str], images, processor, epochs: Sequence[int],
                  num_queries: int = 10, batch_size: int = 32, top_k: int = 20,
-                 suppress_token_ids: Sequence[int] = (), progress: bool = True):
+                 suppress_token_ids: Sequence[int] = (), progress: bool = True,
+                 stop_captioning_after_last: bool = True, references: dict[str, list[str]] | None = None):
         self.store, self.keys, self.images, self.processor = store, list(keys), images, processor
         self.epochs = sorted(set(int(e) for e in epochs))
         self.num_queries, self.batch_size, self.top_k = num_queries, batch_size, top_k
         self.suppress_token_ids, self.progress = list(suppress_token_ids), progress
+        self.stop_captioning_after_last = stop_captioning_after_last
+        self.references = references or {}
         self.refreshed: list[int] = []
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
@@ -173,12 +180,21 @@ class PseudoQueryRefresh(TrainerCallback):
         self.store.replace(PseudoQueries(queries, source=f"the model's own caption decoder at epoch {epoch} "
                                                          f"(step {state.global_step}), {self.num_queries} samples "
                                                          f"per image, top-k {self.top_k}"))
+        if self.references:  # how good the captioner was when it wrote them (held-out images, real captions)
+            from .metrics import caption_metrics
+
+            written = generate_captions(model, list(self.references), self.images, self.processor, self.batch_size,
+                                        args.device)
+            self.store.captioner_metrics = {f"writer_{k}": v for k, v in
+                                            caption_metrics(written, self.references).items()}
         self.refreshed.append(epoch)
+        self.store.captioning_finished = self.stop_captioning_after_last and epoch == self.epochs[-1]
         if state.is_world_process_zero:
             self.store.save(os.path.join(args.output_dir, PSEUDO_QUERIES_FILE))
             summary = self.store.summary()
-            logger.info("Epoch %d: %d pseudo-queries for %d images (%.1f s)", epoch, summary["num_pseudo_queries"],
-                        summary["num_images"], time.perf_counter() - start)
+            logger.info("Epoch %d: %d pseudo-queries for %d images (%.1f s); writer's held-out caption BLEU %s",
+                        epoch, summary["num_pseudo_queries"], summary["num_images"], time.perf_counter() - start,
+                        f"{summary['writer_caption_bleu']:.1f}" if "writer_caption_bleu" in summary else "-")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero and len(self.store):

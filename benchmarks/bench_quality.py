@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Retrieval quality side by side: every model on the same collection with the same budget, one table.
+
+    python benchmarks/bench_quality.py                              # 2,000 synthetic scenes (the issue's size)
+    python benchmarks/bench_quality.py --num_images 300             # the built-in demo's collection
+    python benchmarks/bench_quality.py --karpathy_json dataset_flickr30k.json --image_dir flickr30k-images \\
+        --extra "--num_index_images 10000 --num_eval_images 2000"
+
+Each model is one run of run_dsi_image.py in its own process (the same seed, epochs, batch, widths and learning
+rate schedule). Pseudo-query models also co-train captioning and write pseudo-queries at --pseudo_query_epochs,
+so they take more steps per epoch: the table prints each run's steps and training seconds next to its metrics.
+Prints the table and writes it as JSON (--output_json): a list of rows with `model`, the keys of
+all_results.json, `caption_bleu` and `train_seconds`. Held-out = captions of images only ever indexed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PSEUDO = ["--captioning_ratio", "0.5", "--pseudo_query_images", "uncaptioned"]
+MODELS = {
+    "cross_attention": ["--variant", "cross_attention"],
+    "cross_attention + pseudo-queries": ["--variant", "cross_attention", *PSEUDO],
+    "codebook": ["--variant", "codebook"],
+    "codebook + pseudo-queries": ["--variant", "codebook", *PSEUDO],
+    "dual_encoder": ["--variant", "dual_encoder"],
+}
+COLUMNS = [("index@1", "index_hits@1"), ("seen@1", "seen_hits@1"), ("seen@10", "seen_hits@10"),
+           ("held-out@1", "eval_hits@1"), ("held-out@10", "eval_hits@10"), ("MRR@10", "eval_mrr@10"),
+           ("BLEU", "caption_bleu"), ("steps", "train_steps"), ("train s", "train_seconds")]
+
+
+def run(name: str, flags: list[str], args) -> dict:
+    output_dir = os.path.join(args.work_dir, name.replace(" + ", "_").replace("-", "_"))
+    data = (["--karpathy_json", args.karpathy_json, "--image_dir", args.image_dir] if args.karpathy_json else
+            ["--demo_num_images", str(args.num_images), "--demo_dir", os.path.join(args.work_dir, "data")])
+    command = [sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *data, *flags, "--output_dir", output_dir,
+               "--overwrite_output_dir", "True", "--num_train_epochs", str(args.epochs), "--seed", str(args.seed),
+               "--per_device_train_batch_size", str(args.batch_size), "--model_size", args.model_size,
+               "--semantic_max_leaf_size", str(args.semantic_max_leaf_size), "--save_strategy", "no",
+               "--disable_tqdm", "True", *shlex.split(args.extra)]
+    if "--captioning_ratio" in flags:
+        command += ["--pseudo_query_epochs", args.pseudo_query_epochs, "--num_pseudo_queries",
+                    str(args.num_pseudo_queries), "--pseudo_query_rows_per_image", str(args.pseudo_query_rows)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(output_dir, "all_results.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
+        steps = json.load(f)["global_step"]
+    return {"model": name, **metrics, "caption_bleu": metrics.get("eval_caption_bleu"),
+            "train_seconds": metrics.get("train_runtime"), "train_steps": steps,
+            "wall_seconds": time.perf_counter() - start}
+
+
+def table(rows: list[dict]) -> str:
+    width = max(len(row["model"]) for row in rows) + 2
+    lines = ["model".ljust(width) + "".join(f"{title:>12}" for title, _ in COLUMNS)]
+    for row in rows:
+        cells = []
+        for _, key in COLUMNS:
+            value = row.get(key)
+            cells.append(f"{'-':>12}" if value is None else f"{value:>12.0f}" if key in (
+                "train_steps", "train_seconds") else f"{value:>12.1f}" if key == "caption_bleu" else f"{value:>12.3f}")
+        lines.append(row["model"].ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_images", type=int, default=2000, help="Synthetic scenes to draw (demo layout).")
+    parser.add_argument("--karpathy_json", help="A real collection instead (with --image_dir).")
+    parser.add_argument("--image_dir")
+    parser.add_argument("--epochs", type=float, default=300)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--model_size", default="tiny")
+    parser.add_argument("--semantic_max_leaf_size", type=int, default=10)
+    parser.add_argument("--pseudo_query_epochs", default="100")
+    parser.add_argument("--num_pseudo_queries", type=int, default=10)
+    parser.add_argument("--pseudo_query_rows", type=int, default=5, help="Pseudo-query rows per image per epoch.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--models", default=",".join(MODELS), help="Comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--extra", default="", help="More run_dsi_image.py flags for every run (one string).")
+    parser.add_argument("--work_dir", default="bench_quality_runs")
+    parser.add_argument("--output_json", default="bench_quality.json")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.models.split(",")]
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
+    rows = []
+    for name in names:
+        rows.append(run(name, MODELS[name], args))
+        print(f"done: {name} ({rows[-1]['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    collection = args.karpathy_json or f"{args.num_images} synthetic scenes"
+    print(f"\n{collection}, {args.epochs:g} epochs, batch {args.batch_size}, {args.model_size} widths, seed {args.seed}")
+    print(table(rows))
+    by_name = {row["model"]: row for row in rows}
+    dense = by_name.get("dual_encoder")
+    if dense:
+        for name in ("cross_attention + pseudo-queries", "codebook + pseudo-queries"):
+            if name in by_name:
+                verdict = "met" if by_name[name]["eval_hits@10"] >= dense["eval_hits@10"] else "MISSED"
+                print(f"target {name} held-out@10 >= dual encoder's ({by_name[name]['eval_hits@10']:.3f} vs "
+                      f"{dense['eval_hits@10']:.3f}): {verdict}")
+    with open(args.output_json, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
