@@ -156,6 +156,13 @@ def test_no_evaluation_caption_reaches_any_training_path(tmp_path, monkeypatch):
 
 def test_standalone_pseudo_queries_resume_and_train(tmp_path):
     run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "3", "--do_eval", "False", "--captioning_ratio", "0.5"))
+    from PIL import Image
+
+    from vit_t5_dsi import DSIRetriever
+
+    captions = DSIRetriever.from_pretrained(str(tmp_path / "out"), device="cpu").caption(
+        [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGBA", (40, 40))])
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     output = tmp_path / "pq.jsonl"
     script = [sys.executable, os.path.join(ROOT, "data_scripts", "generate_pseudo_queries.py"), "--model",
               str(tmp_path / "out"), "--output", str(output), "--num_queries", "3", "--batch_size", "8",

@@ -107,15 +107,15 @@ class DataArguments:
     num_pseudo_queries: int = field(default=10, metadata={
         "help": "Pseudo-queries sampled per image (before deduplication), for --pseudo_query_epochs."})
     pseudo_query_rows_per_image: int | None = field(default=None, metadata={
-        "help": "Pseudo-query rows per image per epoch for --pseudo_query_epochs (default --num_pseudo_queries); "
-                "sampling repeats captions, so fewer rows than samples cost less and lose little."})
+        "help": "Pseudo-query rows per image per epoch for --pseudo_query_epochs (default --num_pseudo_queries); a "
+                "row takes the image's next distinct pseudo-query, so distinct ones repeat when there are fewer."})
     pseudo_query_images: Literal["all", "uncaptioned"] | None = field(default=None, metadata={
         "help": "Which indexed images get pseudo-queries: all (default), or only those without training captions "
                 "(the held-out ones; the built-in demo's choice)."})
     keep_captioning: bool = field(default=False, metadata={
         "help": "With --pseudo_query_epochs: keep training captioning rows after the last refresh (by default they "
-                "stop there, since they make every step slower; the final caption metrics then describe the "
-                "captioner as it was at the last refresh plus drift)."})
+                "stop there, since they make every step slower; the final eval_caption_* metrics then describe a "
+                "captioner that has drifted, while protocol.json keeps the writer's own at the refresh)."})
     pseudo_query_top_k: int = field(default=20, metadata={
         "help": "Top-k sampling for pseudo-queries (more diverse with larger k)."})
     skip_bad_images: bool = field(default=False, metadata={

@@ -34,6 +34,17 @@ class DSIRetriever:
         return cls(model.to(device), processor)
 
     @torch.no_grad()
+    def caption(self, images, num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
+        """One caption per PIL image (beam search), from a generative checkpoint trained with captioning."""
+        if getattr(self.model.config, "caption_token_id", None) is None:
+            raise ValueError("This checkpoint does not caption: train it with --captioning_ratio > 0.")
+        images = images if isinstance(images, (list, tuple)) else [images]
+        pixels = self.processor(images=list(images))["pixel_values"].to(self.model.device)
+        tokens = self.model.caption(pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return [" ".join(text.split()) for text in self.processor.tokenizer.batch_decode(tokens,
+                                                                                         skip_special_tokens=True)]
+
+    @torch.no_grad()
     def retrieve(self, texts: list[str] | str, k: int = 10, batch_size: int = 32) -> list[list[tuple[str, float]]]:
         """Up to k distinct indexed images per text, best first, with scores (log-probability, or cosine)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
