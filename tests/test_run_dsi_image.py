@@ -313,3 +313,24 @@ def test_degenerate_protocols_are_refused_clearly(tmp_path, extra, message):
 def test_indexing_evaluation_can_be_turned_off(tmp_path):
     metrics = run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "1", "--max_index_eval_images", "0"))
     assert "eval_hits@1" in metrics and not any(key.startswith("index_") for key in metrics)
+
+
+@pytest.mark.slow
+def test_two_processes_write_pseudo_queries_during_training(tmp_path):
+    """Each process captions its share of the images; both train on the same, complete set."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(ROOT, "run_dsi_image.py")]
+    result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--num_train_epochs", "3", "--captioning_ratio", "0.5",
+                                  "--pseudo_query_epochs", "1", "--num_pseudo_queries", "3",
+                                  "--pseudo_query_images", "all"),
+                        launcher=launcher, env={"MASTER_PORT": "29545"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pseudo_queries.jsonl").read_text().splitlines()]
+    written = {row["image_id"] for row in rows}
+    keys = set(json.loads((tmp_path / "out" / "image_index.json").read_text())["keys"])
+    assert written <= keys and len(written) >= 30  # both shares came back (an image whose samples were all empty
+    # may have none)
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["pseudo_queries"]["num_pseudo_queries"] == len(rows) and "writer_caption_bleu" in protocol[
+        "pseudo_queries"]
