@@ -186,6 +186,7 @@ def test_standalone_pseudo_queries_resume_and_train(tmp_path):
     protocol = json.loads((tmp_path / "with_pq" / "protocol.json").read_text())
     assert protocol["pseudo_queries"]["num_pseudo_queries"] == len(rows)
     assert str(tmp_path / "out") in protocol["pseudo_queries"]["source"]
+    assert f"{len(rows)} pseudo-queries for" in (tmp_path / "with_pq" / "README.md").read_text()  # the model card
 
 
 def test_the_demo_indexes_held_out_images_through_pseudo_queries_unless_told_otherwise():

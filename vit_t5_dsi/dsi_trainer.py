@@ -212,6 +212,11 @@ class DSITrainer(Seq2SeqTrainer):
                     f"{args.num_train_epochs:g} epochs")
         training += (f", batch {args.per_device_train_batch_size} x {args.world_size} processes, "
                      f"lr {args.learning_rate:g}")
+        store = getattr(self.data_collator, "pseudo_queries", None)
+        if store is not None and len(store):
+            summary = store.summary()
+            training += (f"; {summary['num_pseudo_queries']} pseudo-queries for {summary['num_images']} images "
+                         f"({summary['per_image_min']}-{summary['per_image_max']} per image) from {summary['source']}")
         name = model_name or os.path.basename(os.path.abspath(args.output_dir))
         tags = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
         text = render_model_card(model, metrics, name, args.hub_model_id or args.output_dir,
