@@ -25,10 +25,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PSEUDO = ["--captioning_ratio", "0.5", "--pseudo_query_images", "uncaptioned"]
+NO_PSEUDO = ["--captioning_ratio", "0"]  # explicit: on the demo collection, pseudo-queries are the default
 MODELS = {
-    "cross_attention": ["--variant", "cross_attention"],
+    "cross_attention": ["--variant", "cross_attention", *NO_PSEUDO],
     "cross_attention + pseudo-queries": ["--variant", "cross_attention", *PSEUDO],
-    "codebook": ["--variant", "codebook"],
+    "codebook": ["--variant", "codebook", *NO_PSEUDO],
     "codebook + pseudo-queries": ["--variant", "codebook", *PSEUDO],
     "dual_encoder": ["--variant", "dual_encoder"],
 }
