@@ -168,8 +168,9 @@ def caption_references(splits) -> dict[str, list[str]]:
     return references
 
 
-def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, processor, index: ImageIndex,
-                       resume_dir: str | None, training_args: DSITrainingArguments):
+def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, processor,
+                       references: dict[str, list[str]], resume_dir: str | None,
+                       training_args: DSITrainingArguments):
     """The pseudo-queries to train on (a `PseudoQueries` the collator reads) and, for the one-command route, the
     callback that writes them during training. Evaluation captions never enter: the captioner learns from
     training captions only, and a file's rows must name indexed images."""
@@ -191,7 +192,7 @@ def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, pr
                                  training_args.per_device_eval_batch_size, data_args.pseudo_query_top_k,
                                  progress=training_args.should_log and not training_args.disable_tqdm,
                                  stop_captioning_after_last=not data_args.keep_captioning,
-                                 references=caption_references(splits))
+                                 references=references)
     saved = os.path.join(resume_dir, PSEUDO_QUERIES_FILE) if resume_dir else None
     if saved and os.path.exists(saved):  # a resumed run trains on the pseudo-queries it had
         store.replace(PseudoQueries.load(saved, known_keys=splits.index["image_key"][:]))
@@ -259,12 +260,12 @@ def main(argv=None) -> dict[str, float]:
         model.config.caption_suppress_token_ids = index.identifier_only_token_ids(
             processor.tokenizer(splits.train_queries["caption"][:], add_special_tokens=False)["input_ids"])
 
-    store, refresh = pseudo_queries_for(data_args, splits, images, processor, index, resume_dir, training_args)
+    references = caption_references(splits)
+    store, refresh = pseudo_queries_for(data_args, splits, images, processor, references, resume_dir, training_args)
     slots = {key: len(store.for_key(key)) for key in store.queries} if refresh is None else {
         key: data_args.pseudo_query_rows_per_image or data_args.num_pseudo_queries for key in refresh.keys}
     train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed,
                                     data_args.captioning_ratio, slots) if training_args.do_train else None
-    references = caption_references(splits)
     trainer = DSITrainer(
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
