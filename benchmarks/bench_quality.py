@@ -47,7 +47,7 @@ def run(name: str, flags: list[str], args) -> dict:
                "--per_device_train_batch_size", str(args.batch_size), "--model_size", args.model_size,
                "--semantic_max_leaf_size", str(args.semantic_max_leaf_size), "--save_strategy", "no",
                "--disable_tqdm", "True", *shlex.split(args.extra)]
-    if "--captioning_ratio" in flags:
+    if name.endswith("pseudo-queries"):
         command += ["--pseudo_query_epochs", args.pseudo_query_epochs, "--num_pseudo_queries",
                     str(args.num_pseudo_queries), "--pseudo_query_rows_per_image", str(args.pseudo_query_rows)]
     start = time.perf_counter()
