@@ -41,7 +41,8 @@ def semantic_embeddings(n=40, seed=0):
 
 
 def build(tokenizer, scheme):
-    kwargs = dict(embeddings=semantic_embeddings(), num_clusters=4, max_leaf_size=6) if scheme == "semantic" else {}
+    kwargs = {"semantic": dict(embeddings=semantic_embeddings(), num_clusters=4, max_leaf_size=6),
+              "rq": dict(embeddings=semantic_embeddings(), rq_num_levels=2, rq_codes_per_level=4)}.get(scheme, {})
     return ImageIndex.build(KEYS, tokenizer, scheme, **kwargs)
 
 
@@ -65,7 +66,7 @@ def test_trie_handles_ids_that_are_prefixes_of_others():
 
 # ----- constrained generation ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic"])
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
 def test_only_valid_distinct_ids_even_when_model_prefers_invalid_tokens(fresh_tokenizer, scheme):
     index = build(fresh_tokenizer, scheme)
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer))).eval()
@@ -82,7 +83,7 @@ def test_only_valid_distinct_ids_even_when_model_prefers_invalid_tokens(fresh_to
         assert len(set(row.tolist())) == k, "the same image came out twice for one query"
 
 
-@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic"])
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
 def test_a_model_biased_toward_an_id_ranks_it_first(fresh_tokenizer, scheme):
     index = build(fresh_tokenizer, scheme)
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer))).eval()
@@ -317,3 +318,93 @@ def test_trie_never_allows_a_token_outside_the_models_vocabulary():
     assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [6]  # 150 is not clipped onto 99
     assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [99]  # the real 99 keeps its score
     assert masked[1, 99] == scores[1, 99]
+
+
+# ----- residual-quantized ids ---------------------------------------------------------------------------
+
+def test_residual_quantization_codes_collisions_and_determinism():
+    from vit_t5_dsi.residual_quantization import residual_quantize
+
+    embeddings = semantic_embeddings()
+    embeddings[5] = embeddings[9] = embeddings[13] = embeddings[1]  # four identical images: one cell
+    first = residual_quantize(embeddings, num_levels=2, codes_per_level=4, seed=3)
+    again = residual_quantize(embeddings, num_levels=2, codes_per_level=4, seed=3)
+    np.testing.assert_array_equal(first.codes, again.codes)
+    assert first.codes.shape == (40, 2) and first.codes.max() < 4
+    assert first.usage == [4, 4]
+    # level 0 separates the four well-separated centres (images i, i+4, i+8, ... share one)
+    assert all(len(set(first.codes[i::4, 0])) == 1 for i in range(4))
+    assert len({int(first.codes[i, 0]) for i in range(4)}) == 4
+    same = [1, 5, 9, 13]
+    assert sorted(first.position[same].tolist()) == [0, 1, 2, 3]  # a collision level for them ...
+    cells = {}
+    for row, cell in enumerate(map(tuple, first.codes.tolist())):
+        cells.setdefault(cell, []).append(row)
+    for members in cells.values():  # ... and for every image that shares all its codes, none other
+        assert bool((first.position[members] >= 0).all()) == (len(members) > 1)
+        assert bool((first.position[members] < 0).all()) == (len(members) == 1)
+    summary = first.summary()
+    assert summary["colliding_images"] == int((first.position >= 0).sum()) >= 4
+    assert summary["largest_cell"] >= 4 and summary["codes_used_per_level"] == [4, 4]
+
+
+def test_rq_ids_one_token_per_level_and_code(fresh_tokenizer):
+    index = build(fresh_tokenizer, "rq")
+    assert len(set(index.id_strings)) == len(KEYS)
+    vocabulary = fresh_tokenizer.get_vocab()
+    for id_string, tokens in zip(index.id_strings, index.token_ids):
+        names = fresh_tokenizer.convert_ids_to_tokens(tokens)
+        assert "".join(names) == id_string
+        assert [name.split("_c")[0] for name in names][:2] == ["<l0", "<l1"]  # level by level
+        assert len(tokens) in (2, 3) and all(vocabulary[name] == t for name, t in zip(names, tokens))
+    # one token per (level, code), shared by every image with that code: the trie stays small
+    assert len(index.added_tokens) <= 4 + 4 + index.scheme_info["largest_cell"]
+    assert index.scheme_info["num_levels"] == 2 and index.scheme_info["codes_per_level"] == [4, 4]
+    again = ImageIndex.build(KEYS, fresh_tokenizer, "rq", semantic_embeddings(), rq_num_levels=2,
+                             rq_codes_per_level=4)
+    assert again.token_ids == index.token_ids  # deterministic; adding known tokens again changes nothing
+
+
+def test_rq_index_round_trip_and_model_resize(tmp_path, fresh_tokenizer):
+    index = build(fresh_tokenizer, "rq")
+    index.save(tmp_path)
+    loaded = ImageIndex.load(tmp_path)
+    assert loaded.scheme == "rq" and loaded.scheme_info == index.scheme_info
+    assert loaded.token_ids == index.token_ids and loaded.added_tokens == index.added_tokens
+    loaded.check_tokenizer(fresh_tokenizer)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=160))
+    loaded.resize_model_embeddings(model)
+    assert model.get_input_embeddings().num_embeddings > loaded.max_token_id
+
+
+def test_rq_scheme_refuses_bad_embeddings(tokenizer):
+    with pytest.raises(ValueError, match="needs `embeddings`"):
+        ImageIndex.build(KEYS, tokenizer, "rq")
+    with pytest.raises(ValueError, match="3 embedding rows for 40"):
+        ImageIndex.build(KEYS, tokenizer, "rq", np.zeros((3, 4)))
+    bad = semantic_embeddings()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ImageIndex.build(KEYS, tokenizer, "rq", bad)
+
+
+def test_rq_ids_on_identical_embeddings_are_still_unique(fresh_tokenizer):
+    index = ImageIndex.build(KEYS, fresh_tokenizer, "rq", np.ones((40, 8)), rq_num_levels=2, rq_codes_per_level=4)
+    assert len(set(map(tuple, index.token_ids))) == 40
+    assert index.scheme_info["colliding_images"] == 40 and index.scheme_info["codes_used_per_level"] == [1, 1]
+
+
+def test_compute_ranking_metrics_reports_reranked_positions_under_their_own_keys():
+    from transformers import EvalPrediction
+
+    from vit_t5_dsi.metrics import compute_ranking_metrics
+
+    generative = np.array([[2, 1], [4, 3], [5, 6]])
+    reranked = np.array([[1, 2], [3, 4], [6, 5]])
+    labels = np.array([[1, 0], [4, 1], [7, 2]])
+    metrics = compute_ranking_metrics(ks=(1, 2), mrr_k=2)(
+        EvalPrediction(predictions=np.stack([generative, reranked], axis=1), label_ids=labels))
+    assert metrics["hits@1"] == pytest.approx(1 / 3) and metrics["hits@2"] == pytest.approx(2 / 3)
+    assert metrics["rerank_hits@1"] == pytest.approx(1 / 3) and metrics["rerank_hits@2"] == pytest.approx(2 / 3)
+    assert metrics["mrr@2"] == pytest.approx((0.5 + 1) / 3)
+    assert metrics["rerank_mrr@2"] == pytest.approx((1 + 0.5) / 3)

@@ -1,4 +1,4 @@
-"""Image keys <-> identifiers (naive, atomic, semantic), saved beside the weights, with the decoding constraint."""
+"""Image keys <-> identifiers (naive, atomic, semantic, rq), saved beside the weights, with the decoding constraint."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import torch
 
 from .atomic_io import atomic_write, atomic_write_text
 from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, prefix_allowed_tokens_fn
+from .residual_quantization import residual_quantize
 from .semantic_ids import hierarchical_kmeans_ids
 
 INDEX_FILE_NAME = "image_index.json"
 EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
 # what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
 HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download")
-SCHEMES = ("naive", "atomic", "semantic")
+SCHEMES = ("naive", "atomic", "semantic", "rq")
+EMBEDDING_SCHEMES = ("semantic", "rq")  # the schemes built from image embeddings
 ATOMIC_TOKEN = "<img_{}>"
 
 
@@ -57,7 +59,7 @@ class ImageIndex:
 
     def __init__(self, keys: Sequence[str], id_strings: Sequence[str], token_ids: Sequence[Sequence[int]],
                  scheme: str, eos_token_id: int, pad_token_id: int, added_tokens: Sequence[str] = (),
-                 embeddings: torch.Tensor | None = None):
+                 embeddings: torch.Tensor | None = None, scheme_info: dict | None = None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
         if not (len(keys) == len(id_strings) == len(token_ids)):
@@ -69,6 +71,7 @@ class ImageIndex:
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
         self.added_tokens = list(added_tokens)
         self.embeddings = embeddings
+        self.scheme_info = dict(scheme_info or {})  # how the ids were built (rq: codes, usage, collisions)
         self.position_of_key = {}
         for position, key in enumerate(self.keys):
             if key in self.position_of_key:
@@ -86,26 +89,45 @@ class ImageIndex:
     # ----- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, keys: Sequence[str], tokenizer, scheme: str = "naive", embeddings: np.ndarray | None = None,
-              num_clusters: int = 10, max_leaf_size: int = 100, seed: int = 0) -> "ImageIndex":
-        """Assign identifiers. `atomic` adds one token per image to `tokenizer` (resize the model after:
-        `index.resize_model_embeddings(model)`); `semantic` needs one embedding row per key."""
+              num_clusters: int = 10, max_leaf_size: int = 100, seed: int = 0, rq_num_levels: int = 3,
+              rq_codes_per_level: int = 16) -> "ImageIndex":
+        """Assign identifiers. `atomic` and `rq` add tokens to `tokenizer` (resize the model after:
+        `index.resize_model_embeddings(model)`); `semantic` and `rq` need one embedding row per key."""
         keys = [str(k) for k in keys]
+        info: dict = {}
+        added: list[str] = []
+        if scheme in EMBEDDING_SCHEMES:
+            if embeddings is None:
+                raise ValueError(f"scheme={scheme!r} needs `embeddings` (one row per image).")
+            if len(embeddings) != len(keys):
+                raise ValueError(f"scheme={scheme!r}: {len(embeddings)} embedding rows for {len(keys)} images.")
         if scheme == "naive":
             id_strings = [str(i) for i in range(len(keys))]
         elif scheme == "atomic":
-            id_strings = [ATOMIC_TOKEN.format(i) for i in range(len(keys))]
-            tokenizer.add_tokens(id_strings)
+            id_strings = added = [ATOMIC_TOKEN.format(i) for i in range(len(keys))]
         elif scheme == "semantic":
-            if embeddings is None:
-                raise ValueError("scheme='semantic' needs `embeddings` (one row per image).")
-            if len(embeddings) != len(keys):
-                raise ValueError(f"scheme='semantic': {len(embeddings)} embedding rows for {len(keys)} images.")
             id_strings = hierarchical_kmeans_ids(embeddings, num_clusters, max_leaf_size, seed)
+        elif scheme == "rq":
+            codes = residual_quantize(embeddings, rq_num_levels, rq_codes_per_level, seed)
+            rows = [codes.id_tokens(row) for row in range(len(keys))]
+            # written without spaces: a tokenizer splits added tokens out exactly, with nothing between them
+            id_strings = ["".join(tokens) for tokens in rows]
+            added = sorted({t for tokens in rows for t in tokens},
+                           key=lambda t: tuple(int(x) for x in t[2:-1].split("_c")))
+            info = codes.summary()
         else:
             raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+        if added:
+            tokenizer.add_tokens(added)
         token_ids = cls._tokenize(tokenizer, id_strings)
-        added = id_strings if scheme == "atomic" else []
-        return cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added)
+        if scheme == "rq":
+            expected = [tokenizer.convert_tokens_to_ids(tokens) for tokens in rows]
+            wrong = next((i for i, (got, want) in enumerate(zip(token_ids, expected)) if list(got) != want), None)
+            if wrong is not None:
+                raise ValueError(f"The tokenizer splits rq id {id_strings[wrong]!r} into {token_ids[wrong]}, not one "
+                                 f"token per code {expected[wrong]}.")
+        return cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added,
+                   scheme_info=info)
 
     @staticmethod
     def _tokenize(tokenizer, id_strings: Sequence[str]) -> list[list[int]]:
@@ -172,8 +194,8 @@ class ImageIndex:
     def to_dict(self) -> dict:
         """The identifiers as JSON-able data (embeddings travel separately, as tensors)."""
         return {"scheme": self.scheme, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-                "added_tokens": self.added_tokens, "keys": self.keys, "id_strings": self.id_strings,
-                "token_ids": self.token_ids}
+                "added_tokens": self.added_tokens, "scheme_info": self.scheme_info, "keys": self.keys,
+                "id_strings": self.id_strings, "token_ids": self.token_ids}
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write `image_index.json` (and `image_embeddings.safetensors` when there are embeddings) atomically:
@@ -195,7 +217,8 @@ class ImageIndex:
                   ) -> "ImageIndex":
         try:
             return cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
-                       data["pad_token_id"], data.get("added_tokens", []), embeddings)
+                       data["pad_token_id"], data.get("added_tokens", []), embeddings,
+                       data.get("scheme_info"))
         except KeyError as err:
             raise ValueError(f"{source}: image index is missing the field {err.args[0]!r}.") from err
         except TypeError as err:
@@ -263,4 +286,5 @@ class ImageIndex:
                     "load the tokenizer saved with the checkpoint.")
 
 
-__all__ = ["ImageIndex", "checkpoint_file", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME", "SCHEMES"]
+__all__ = ["ImageIndex", "checkpoint_file", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME", "SCHEMES",
+           "EMBEDDING_SCHEMES"]
