@@ -19,12 +19,21 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="Checkpoint directory or Hub id (run_dsi_image.py output).")
     parser.add_argument("--k", type=int, default=10, help="Images to return per query (beams).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+    parser.add_argument("--rerank_with", default=None,
+                        help="A dual-encoder checkpoint that re-ranks a generative model's top-k (e.g. the "
+                             "dual_encoder folder a --dense_first run leaves in its output directory).")
+    parser.add_argument("--rerank_weight", type=float, default=0.5,
+                        help="Weight of the dense score against the generative one, in [0, 1].")
     parser.add_argument("--json", action="store_true", help="Print one JSON object per query instead of a table.")
     args = parser.parse_args(argv)
     queries = args.queries or [line.strip() for line in sys.stdin if line.strip()]
     if not queries:
         parser.error("give at least one query (arguments or stdin)")
-    retriever = DSIRetriever.from_pretrained(args.model, device=args.device)
+    try:
+        retriever = DSIRetriever.from_pretrained(args.model, device=args.device, rerank_with=args.rerank_with,
+                                                 rerank_weight=args.rerank_weight)
+    except ValueError as err:
+        parser.error(str(err))
     for query, hits in zip(queries, retriever.retrieve(queries, k=args.k)):
         if args.json:
             print(json.dumps({"query": query, "results": [{"image": key, "score": score} for key, score in hits]}))

@@ -24,16 +24,19 @@ from transformers import AutoTokenizer, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_model, model_class_for_variant
 from vit_t5_dsi.arguments import (DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args,
-                                  pseudo_query_epochs, resolve_demo_defaults)
+                                  pseudo_query_epochs, resolve_demo_defaults, rq_codes_per_level)
 from vit_t5_dsi.atomic_io import atomic_write_text
 from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
 from vit_t5_dsi.collection import check_images
 from vit_t5_dsi.collection_from_flags import collection_for
+from vit_t5_dsi.dense_first import DENSE_FIRST_DIR, dense_stage_arguments, finished_dense_model, last_checkpoint
+from vit_t5_dsi.dense_reranking import DenseReranker
 from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
 from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
 from vit_t5_dsi.dsi_splits import build_dsi_splits
 from vit_t5_dsi.dsi_trainer import DSITrainer
 from vit_t5_dsi.errors import UsageError
+from vit_t5_dsi.image_index import EMBEDDING_SCHEMES
 from vit_t5_dsi.image_embeddings import embed_images
 from vit_t5_dsi.model_card import metrics_table
 from vit_t5_dsi.output_dir import check_output_dir, clear_previous_run
@@ -80,9 +83,10 @@ def build_model(model_args: ModelArguments, vocab_size: int):
 
 
 def model_and_processor(model_args: ModelArguments, data_args: DataArguments, captions: list[str],
-                        resume_dir: str | None):
-    """A checkpoint's own processor (and so its tokenizer), or a new one; the model built for that vocabulary."""
-    source = resume_dir or model_args.model_name_or_path
+                        resume_dir: str | None, dense_dir: str | None = None):
+    """A checkpoint's own processor (and so its tokenizer), or a new one; the model built for that vocabulary.
+    After --dense_first the new model shares the dual encoder's tokenizer."""
+    source = resume_dir or model_args.model_name_or_path or dense_dir
     if source:
         processor = ViTT5DSIProcessor.from_pretrained(source)
         model = build_model(model_args, len(processor.tokenizer))
@@ -94,24 +98,33 @@ def model_and_processor(model_args: ModelArguments, data_args: DataArguments, ca
     return model, processor
 
 
-def semantic_id_embeddings(model_args: ModelArguments, model, keys, images: ImageSource, processor,
-                           training_args: DSITrainingArguments) -> np.ndarray:
-    """What semantic ids cluster: a .npy, a trained dual encoder's embeddings, or the model's own image tower.
-    Computed on the accelerator, each process embedding its share (call on every process)."""
-    source = model_args.semantic_embeddings
+def id_embeddings(model_args: ModelArguments, model, keys, images: ImageSource, processor,
+                  training_args: DSITrainingArguments, dense_dir: str | None = None) -> np.ndarray:
+    """What semantic and rq ids are built from: a .npy, a trained dual encoder (--semantic_embeddings, or the one
+    --dense_first trained in `dense_dir`), or the model's own image tower. A dual encoder's saved index embeddings
+    are used as they are when they cover the collection; otherwise images are embedded on the accelerator, each
+    process its share (call on every process)."""
+    source = dense_dir or model_args.semantic_embeddings
+    flag = "--dense_first" if dense_dir else f"--semantic_embeddings {source}"
     if source is not None and source.endswith(".npy"):
         embeddings = np.load(source)
-        if len(embeddings) != len(keys):
-            raise UsageError(f"--semantic_embeddings {source}: {len(embeddings)} rows for {len(keys)} indexed images.")
+        if embeddings.ndim != 2 or len(embeddings) != len(keys):
+            raise UsageError(f"{flag}: shape {embeddings.shape} for {len(keys)} indexed images (expected one row "
+                             "per image, in index order).")
         return embeddings
-    encoder = model
+    encoder, encoder_processor = model, processor
     if source is not None:
         encoder = load_dsi_model(source)
         if encoder.config.variant != "dual_encoder":
-            raise UsageError(f"--semantic_embeddings {source}: expected a .npy file or a dual_encoder checkpoint.")
+            raise UsageError(f"{flag}: expected a .npy file or a dual_encoder checkpoint.")
+        saved = encoder.image_index
+        if saved is not None and saved.embeddings is not None and set(keys) <= set(saved.position_of_key):
+            logger.info("Id embeddings: the image embeddings saved with %s.", source)
+            return saved.embeddings[[saved.position_of_key[key] for key in keys]].float().numpy()
+        encoder_processor = ViTT5DSIProcessor.from_pretrained(source)  # its own image size and normalisation
     encoder.to(training_args.device)
-    return embed_images(encoder, keys, images, processor, training_args.per_device_eval_batch_size,
-                        training_args.device, desc="Embedding images for semantic ids"
+    return embed_images(encoder, keys, images, encoder_processor, training_args.per_device_eval_batch_size,
+                        training_args.device, desc="Embedding images for the ids"
                         if training_args.should_log and not training_args.disable_tqdm else None).numpy()
 
 
@@ -124,7 +137,8 @@ def _coverage_problem(index: ImageIndex, keys: list[str]) -> str | None:
             f"index, e.g. {missing[:3]}; {len(extra)} in the index only, e.g. {extra[:3]})")
 
 
-def image_index_for(model_args, model, processor, splits, images, resume_dir, training_args) -> ImageIndex:
+def image_index_for(model_args, model, processor, splits, images, resume_dir, training_args,
+                    dense_dir: str | None = None) -> ImageIndex:
     """The checkpoint's index when it covers the collection exactly; new ids only on request (--reindex) or for a
     new model. New ids are built on the main process and sent to the others."""
     keys = splits.index["image_key"][:]
@@ -145,17 +159,19 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
         return index
     scheme = "naive" if model_args.variant == "dual_encoder" else model_args.docid_scheme
     embeddings = None
-    if scheme == "semantic":
-        embeddings = semantic_id_embeddings(model_args, model, keys, images, processor, training_args)
+    if scheme in EMBEDDING_SCHEMES:
+        embeddings = id_embeddings(model_args, model, keys, images, processor, training_args, dense_dir)
     payload = None
     if training_args.process_index == 0:
         index = ImageIndex.build(keys, processor.tokenizer, scheme, embeddings, model_args.semantic_num_clusters,
-                                 model_args.semantic_max_leaf_size, training_args.seed)
-        logger.info("Built %s ids for %d images (at most %d tokens).", scheme, len(index), index.max_id_length)
+                                 model_args.semantic_max_leaf_size, training_args.seed, model_args.rq_num_levels,
+                                 rq_codes_per_level(model_args, len(keys)))
+        logger.info("Built %s ids for %d images (at most %d tokens)%s.", scheme, len(index), index.max_id_length,
+                    f": {index.scheme_info}" if index.scheme_info else "")
         payload = index.to_dict()
     index = ImageIndex.from_dict(broadcast_from_main(payload))
     missing = [t for t in index.added_tokens if t not in processor.tokenizer.get_vocab()]
-    if missing:  # atomic ids: the main process added these tokens to its tokenizer
+    if missing:  # atomic and rq ids: the main process added these tokens to its tokenizer
         processor.tokenizer.add_tokens(missing)
     return index
 
@@ -214,7 +230,8 @@ def main(argv=None) -> dict[str, float]:
     resume_dir = training_args.resume_from_checkpoint
     if resume_dir is not None and not os.path.isdir(resume_dir):
         raise UsageError(f"--resume_from_checkpoint {resume_dir}: no such checkpoint directory.")
-    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resume_dir is not None)
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resume_dir is not None,
+                     model_args.dense_first)
     with training_args.main_process_first(desc="clearing the previous run"):
         if training_args.overwrite_output_dir and training_args.process_index == 0 and resume_dir is None:
             clear_previous_run(training_args.output_dir, keep_model=not training_args.do_train)
@@ -239,7 +256,51 @@ def main(argv=None) -> dict[str, float]:
         raise UsageError(f"--retrieval_k {training_args.retrieval_k} is larger than the {len(splits.index)} indexed "
                          "images.")
 
-    model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir)
+    dense_dir, dense_metrics = None, {}
+    if model_args.dense_first:
+        dense_dir, dense_metrics = train_dense_first(model_args, data_args, training_args, collection, splits)
+    final_metrics = train_and_evaluate(model_args, data_args, training_args, collection, splits, resume_dir,
+                                       dense_dir, dense_metrics)
+    end_distributed_run()
+    return final_metrics
+
+
+def train_dense_first(model_args, data_args, training_args, collection, splits) -> tuple[str, dict[str, float]]:
+    """--dense_first: the dual encoder's run in OUTPUT_DIR/dual_encoder (reused when finished, resumed from its
+    last checkpoint when interrupted). Returns its directory and its metrics, prefixed dense_."""
+    d_model_args, d_data_args, d_training_args = dense_stage_arguments(model_args, data_args, training_args)
+    directory = d_training_args.output_dir
+    if finished_dense_model(directory):
+        logger.info("--dense_first: reusing the dual encoder already trained in %s.", directory)
+        with open(os.path.join(directory, "all_results.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    else:
+        logger.info("--dense_first: training the dual encoder for %g epochs in %s%s.",
+                    d_training_args.num_train_epochs, directory,
+                    f" (resuming from {d_training_args.resume_from_checkpoint})"
+                    if d_training_args.resume_from_checkpoint else "")
+        metrics = train_and_evaluate(d_model_args, d_data_args, d_training_args, collection, splits,
+                                     d_training_args.resume_from_checkpoint)
+        finish_tracking_run(training_args)
+    return directory, {f"dense_{key}": value for key, value in metrics.items()
+                       if key.split("_", 1)[0] in ("eval", "seen", "index", "train")}
+
+
+def finish_tracking_run(training_args) -> None:
+    """Close the dense stage's wandb run, so the generative model's curves start a run of their own."""
+    if "wandb" in (training_args.report_to or []) and training_args.process_index == 0:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def train_and_evaluate(model_args, data_args, training_args, collection, splits, resume_dir: str | None,
+                       dense_dir: str | None = None, dense_metrics: dict[str, float] | None = None
+                       ) -> dict[str, float]:
+    """One model: build (or load) it and its ids, train, evaluate, save results, card and protocol."""
+    model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir,
+                                           dense_dir)
     captioning = data_args.captioning_ratio > 0 or getattr(model.config, "caption_token_id", None) is not None
     if captioning:
         model.enable_captioning(processor.tokenizer)
@@ -251,7 +312,7 @@ def main(argv=None) -> dict[str, float]:
         logger.info("Model: %s, %.1fM parameters", type(model).__name__, model.num_parameters() / 1e6)
 
     images = ImageSource(splits.index)
-    index = image_index_for(model_args, model, processor, splits, images, resume_dir, training_args)
+    index = image_index_for(model_args, model, processor, splits, images, resume_dir, training_args, dense_dir)
     index.check_tokenizer(processor.tokenizer)
     check_identical_on_every_process(index.to_dict(), "image index")
     index.resize_model_embeddings(model)
@@ -266,11 +327,19 @@ def main(argv=None) -> dict[str, float]:
         key: data_args.pseudo_query_rows_per_image or data_args.num_pseudo_queries for key in refresh.keys}
     train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed,
                                     data_args.captioning_ratio, slots) if training_args.do_train else None
+    reranker = None
+    if model_args.rerank_with is not None:
+        source = dense_dir if model_args.rerank_with == "dense_first" else model_args.rerank_with
+        try:
+            reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
+            reranker.embeddings_for(index)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--rerank_with {model_args.rerank_with}: {err}") from err
     trainer = DSITrainer(
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
         pseudo_queries=store, caption_references=references if captioning else None,
-        callbacks=[refresh] if refresh is not None else None)
+        callbacks=[refresh] if refresh is not None else None, reranker=reranker)
     description = (f"built-in synthetic scenes ({len(collection)} images)" if data_args.is_demo else
                    f"{collection.source}: {splits.summary()}")
 
@@ -283,6 +352,9 @@ def main(argv=None) -> dict[str, float]:
         trainer.save_state()
         final_metrics.update(result.metrics)
 
+    if dense_metrics:  # the dense stage's figures beside the generative ones (all_results.json, card, table)
+        trainer.save_metrics("dense", dense_metrics)
+        final_metrics.update(dense_metrics)
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["world_size"] = training_args.world_size
@@ -290,7 +362,8 @@ def main(argv=None) -> dict[str, float]:
         trainer.save_metrics("eval", metrics)
         final_metrics.update(metrics)
         if trainer.is_world_process_zero():
-            print("\n" + metrics_table(metrics) + "\n", flush=True)
+            print("\n" + metrics_table({**dense_metrics, **metrics} if dense_metrics else metrics) + "\n",
+                  flush=True)
 
     if trainer.is_world_process_zero():
         if training_args.do_train:  # the card describes the model saved in output_dir
@@ -299,7 +372,12 @@ def main(argv=None) -> dict[str, float]:
             "source": collection.source, "num_indexed": len(splits.index),
             "num_train_queries": len(splits.train_queries), "num_eval_queries": len(splits.eval_queries),
             "num_seen_queries": len(splits.seen_queries), "variant": model.config.variant,
-            "docid_scheme": index.scheme,
+            "docid_scheme": index.scheme, "docid_scheme_info": index.scheme_info,
+            "id_embeddings": ("dense_first: " + dense_dir if dense_dir else model_args.semantic_embeddings or
+                              "the model's image tower") if index.scheme in EMBEDDING_SCHEMES else None,
+            "rerank_with": ({"model": dense_dir if model_args.rerank_with == "dense_first" else
+                             model_args.rerank_with, "weight": model_args.rerank_weight}
+                            if model_args.rerank_with else None),
             "captioning_rows_per_epoch": round(data_args.captioning_ratio * len(splits.train_queries))
             if model.config.variant != "dual_encoder" else 0,
             "pseudo_queries": {**store.summary(), "images": data_args.pseudo_query_images,
@@ -308,7 +386,6 @@ def main(argv=None) -> dict[str, float]:
             store.save(os.path.join(training_args.output_dir, PSEUDO_QUERIES_FILE))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset=description, dataset_tags=data_args.dataset_name)
-    end_distributed_run()
     return final_metrics
 
 

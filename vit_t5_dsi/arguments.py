@@ -19,6 +19,7 @@ from .errors import UsageError
 # c=100 a 300-image collection's last id token is an arbitrary position among ~100 images.
 DEMO_SEMANTIC_MAX_LEAF_SIZE = 10
 SEMANTIC_MAX_LEAF_SIZE = 100  # DSI's c
+RQ_CELLS_PER_IMAGE = 4  # default rq codes per level: enough cells that few images share every code
 # The built-in demo indexes its held-out images through pseudo-queries written by the model itself (the seed's
 # captioning step): on the demo this took held-out Hits@1 from 0.011 to 0.5+ (README, "What the demo gives").
 DEMO_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_epochs="60", num_pseudo_queries=10,
@@ -30,9 +31,10 @@ class ModelArguments:
     variant: Literal["cross_attention", "codebook", "dual_encoder"] = field(default="cross_attention", metadata={
         "help": "cross_attention (image-grounded T5 decoder), codebook (visual tokens read by T5's encoder) or "
                 "dual_encoder (contrastive dense baseline)."})
-    docid_scheme: Literal["naive", "atomic", "semantic"] = field(default="semantic", metadata={
-        "help": "Image identifiers: naive (integer strings), atomic (one new token per image) or semantic "
-                "(hierarchical k-means over image embeddings). Ignored by the dual encoder."})
+    docid_scheme: Literal["naive", "atomic", "semantic", "rq"] = field(default="semantic", metadata={
+        "help": "Image identifiers: naive (integer strings), atomic (one new token per image), semantic "
+                "(hierarchical k-means over image embeddings) or rq (residual quantization of image embeddings, one "
+                "token per level and code). Ignored by the dual encoder."})
     model_size: Literal["tiny", "small", "base"] = field(default="tiny", metadata={
         "help": "From-scratch size when no pretrained parts are given: tiny, small or base (ViT-B/16 + T5-base)."})
     model_name_or_path: str | None = field(default=None, metadata={
@@ -61,8 +63,29 @@ class ModelArguments:
         "help": f"semantic ids: images per leaf at most. Default {SEMANTIC_MAX_LEAF_SIZE} (DSI's c); the built-in "
                 f"demo uses {DEMO_SEMANTIC_MAX_LEAF_SIZE}."})
     semantic_embeddings: str | None = field(default=None, metadata={
-        "help": "semantic ids from this .npy (one row per indexed image, in index order) or from this trained "
-                "dual_encoder checkpoint directory. Default: the model's own image tower."})
+        "help": "semantic and rq ids from this .npy (one row per indexed image, in index order) or from this trained "
+                "dual_encoder checkpoint directory. Default: the model's own image tower (or the dual encoder "
+                "--dense_first trains)."})
+    rq_num_levels: int = field(default=3, metadata={"help": "rq ids: quantization levels (tokens per id before the "
+                                                            "collision level)."})
+    rq_codes_per_level: int | None = field(default=None, metadata={
+        "help": "rq ids: k-means codes per level. Default: the smallest number giving at least 4 cells per image "
+                "over the levels (11 for the demo's 300 images at 3 levels), at least 2."})
+    dense_first: bool = field(default=False, metadata={
+        "help": "Dense-then-generative recipe: first train the dual encoder on the same data (saved as a complete "
+                "checkpoint in OUTPUT_DIR/dual_encoder, its metrics reported as dense_*), build the generative "
+                "model's semantic or rq ids from its image embeddings, then train the generative model. A finished "
+                "dense stage is reused when the run is resumed; an interrupted one resumes from its checkpoints."})
+    dense_first_epochs: float | None = field(default=None, metadata={
+        "help": "--dense_first: epochs of the dual encoder (default: --num_train_epochs)."})
+    rerank_with: str | None = field(default=None, metadata={
+        "help": "Re-rank each text query's generative top-k with a dual encoder's similarity: a dual_encoder "
+                "checkpoint (directory or Hub id), or 'dense_first' for the one --dense_first trains. Reported under "
+                "rerank_* keys (eval_rerank_hits@1, ...) beside the pure generative figures."})
+    rerank_weight: float = field(default=0.5, metadata={
+        "help": "--rerank_with: weight of the dense score against the generative one, in [0, 1] (both as "
+                "log-probabilities over the k candidates; 1 = order the beam's candidates by the dual encoder "
+                "alone)."})
 
 
 @dataclass
@@ -172,6 +195,16 @@ def pseudo_query_epochs(data_args: DataArguments) -> list[int]:
     return [int(e) for e in (data_args.pseudo_query_epochs or "").split(",") if e.strip()]
 
 
+def rq_codes_per_level(model_args: ModelArguments, num_images: int) -> int:
+    """--rq_codes_per_level, or the smallest K with K ** levels >= RQ_CELLS_PER_IMAGE x the images (at least 2)."""
+    if model_args.rq_codes_per_level is not None:
+        return model_args.rq_codes_per_level
+    codes = 2
+    while codes ** model_args.rq_num_levels < RQ_CELLS_PER_IMAGE * num_images:
+        codes += 1
+    return codes
+
+
 def resolve_demo_defaults(model_args: ModelArguments, data_args: DataArguments) -> None:
     """Fill the defaults that differ between the built-in demo and a user's collection (the one place)."""
     if model_args.semantic_max_leaf_size is None:
@@ -184,6 +217,8 @@ def resolve_demo_defaults(model_args: ModelArguments, data_args: DataArguments) 
             setattr(data_args, name, value)
     if data_args.captioning_ratio is None:
         data_args.captioning_ratio = 0.0
+    if model_args.rerank_with is not None and model_args.rerank_with.lower() == "dense_first":
+        model_args.rerank_with = "dense_first"
     if data_args.pseudo_query_images is None:
         data_args.pseudo_query_images = "all"
 
@@ -216,6 +251,33 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"--semantic_num_clusters must be >= 2, got {model_args.semantic_num_clusters}.")
     if model_args.semantic_max_leaf_size is not None and model_args.semantic_max_leaf_size < 1:
         raise UsageError(f"--semantic_max_leaf_size must be >= 1, got {model_args.semantic_max_leaf_size}.")
+    if model_args.rq_num_levels < 1:
+        raise UsageError(f"--rq_num_levels must be >= 1, got {model_args.rq_num_levels}.")
+    if model_args.rq_codes_per_level is not None and model_args.rq_codes_per_level < 2:
+        raise UsageError(f"--rq_codes_per_level must be >= 2, got {model_args.rq_codes_per_level}.")
+    generative = model_args.variant != "dual_encoder"
+    if model_args.dense_first:
+        if not generative:
+            raise UsageError("--dense_first trains a dual encoder before a generative model: pass a generative "
+                             "--variant.")
+        if model_args.docid_scheme not in ("semantic", "rq"):
+            raise UsageError(f"--dense_first builds ids from the dual encoder's embeddings: --docid_scheme "
+                             f"{model_args.docid_scheme} does not use embeddings (use semantic or rq).")
+        if model_args.semantic_embeddings or model_args.model_name_or_path:
+            raise UsageError("--dense_first makes the id embeddings: it excludes --semantic_embeddings and "
+                             "--model_name_or_path.")
+        if training_args.resume_from_checkpoint is None and not training_args.do_train:
+            raise UsageError("--dense_first needs --do_train (it trains two models).")
+    if model_args.dense_first_epochs is not None and (not model_args.dense_first or model_args.dense_first_epochs <= 0):
+        raise UsageError("--dense_first_epochs needs --dense_first and must be > 0, got "
+                         f"{model_args.dense_first_epochs}.")
+    if model_args.rerank_with is not None:
+        if not generative:
+            raise UsageError("--rerank_with re-ranks a generative model's beam: the dual encoder ranks by itself.")
+        if model_args.rerank_with == "dense_first" and not model_args.dense_first:
+            raise UsageError("--rerank_with dense_first needs --dense_first (the dual encoder that run trains).")
+    if not 0.0 <= model_args.rerank_weight <= 1.0:
+        raise UsageError(f"--rerank_weight must be in [0, 1], got {model_args.rerank_weight}.")
     if not 0.0 <= data_args.captioning_ratio <= 1.0:
         raise UsageError(f"--captioning_ratio must be in [0, 1], got {data_args.captioning_ratio}.")
     if data_args.captioning_ratio > 0 and model_args.variant == "dual_encoder":
@@ -260,4 +322,4 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
 
 __all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "resolve_demo_defaults",
            "pseudo_query_epochs",
-           "check_arguments", "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]
+           "check_arguments", "rq_codes_per_level", "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]

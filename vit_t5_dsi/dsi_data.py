@@ -102,7 +102,8 @@ def evaluation_sets(splits: DSISplits, max_index_eval_images: int | None = None)
 class DSICollator:
     """Rows -> model inputs. Training rows: image inputs first (indexing, then captioning), then captions, with
     `labels` in that order: identifiers, or `[caption token] + caption` for captioning rows (generative), or
-    image positions (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id`."""
+    image positions (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id` (and `query_text`,
+    the captions themselves, for caption queries)."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
                  caption_token_id: int | None = None, pseudo_queries=None, pixel_cache_mb: float = 1024):
@@ -184,6 +185,8 @@ class DSICollator:
                 batch.update(self._text([r["caption"] for r in captions]))
             batch["gold_index"] = torch.tensor([self.index.position_of_key[r["image_key"]] for r in query_rows])
             batch["query_id"] = torch.tensor([r["query_id"] for r in query_rows])
+            if captions:  # the raw text, for a re-ranker with its own tokenizer (a list: never sent to a device)
+                batch["query_text"] = [r["caption"] for r in captions]
             return batch
         if self.variant == "dual_encoder":
             keys = [r["image_key"] for r in captions]

@@ -40,10 +40,11 @@ class DSITrainer(Seq2SeqTrainer):
 
     def __init__(self, model=None, args=None, *, images: ImageSource | None = None, augment: bool = False,
                  retrieval_k: int | None = None, pseudo_queries=None,
-                 caption_references: dict[str, list[str]] | None = None, **kwargs):
+                 caption_references: dict[str, list[str]] | None = None, reranker=None, **kwargs):
         """`pseudo_queries`: the `PseudoQueries` that fill pseudo-query rows (refreshed in place during training).
         `caption_references`: held-out image key -> its real captions; with a captioning model, every full
-        evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images."""
+        evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images. `reranker`: a
+        `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`)."""
         if model is None or getattr(model, "image_index", None) is None:
             raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
@@ -66,6 +67,9 @@ class DSITrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, **kwargs)
         self.images = images if images is not None else self.data_collator.images
         self.caption_references = caption_references or {}
+        if reranker is not None and self.is_dual_encoder:
+            raise ValueError("A reranker re-orders a generative model's beam; the dual encoder ranks by itself.")
+        self.reranker = reranker.to(self.args.device) if reranker is not None else None
         self._image_embeddings = None
         self._embedded_at_step = None
 
@@ -154,6 +158,7 @@ class DSITrainer(Seq2SeqTrainer):
         inputs = self._prepare_inputs(inputs)
         gold = inputs.pop("gold_index")
         query_id = inputs.pop("query_id")
+        texts = inputs.pop("query_text", None)
         model = self.accelerator.unwrap_model(model)
         if self.is_dual_encoder:
             if self._image_embeddings is None:
@@ -167,6 +172,9 @@ class DSITrainer(Seq2SeqTrainer):
             # the search settings are passed here, so evaluations during training search exactly as the final one
             ranking = rank_by_generation(model, model.image_index, self.retrieval_k, **inputs)
         positions = torch.as_tensor(ranking.positions, device=gold.device)
+        if self.reranker is not None and texts is not None:
+            reranked = self.reranker.rerank(ranking, texts, model.image_index)
+            positions = torch.stack([positions, torch.as_tensor(reranked.positions, device=gold.device)], dim=1)
         return None, positions, torch.stack([gold, query_id], dim=1)
 
     # ----- saving and pushing ---------------------------------------------------------------------

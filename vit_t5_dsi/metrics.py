@@ -68,16 +68,23 @@ def reported_ks(retrieval_k: int) -> tuple[int, ...]:
 
 
 def compute_ranking_metrics(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10):
-    """For our trainer: predictions are (N, k) ranked positions; label_ids (N,) gold positions, or (N, 2) gold
-    positions and query ids, in which case repeated query ids (distributed padding) count once."""
+    """For our trainer: predictions are (N, k) ranked positions, or (N, 2, k) with the re-ranked positions second
+    (reported under `rerank_` keys); label_ids (N,) gold positions, or (N, 2) gold positions and query ids, in
+    which case repeated query ids (distributed padding) count once."""
 
     def compute(eval_prediction) -> dict[str, float]:
         ranked, labels = np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids)
         if labels.ndim == 2:
             _, first = np.unique(labels[:, 1], return_index=True)
             ranked, labels = ranked[first], labels[first, 0]
+        reranked = None
+        if ranked.ndim == 3:
+            ranked, reranked = ranked[:, 0], ranked[:, 1]
         metrics = ranking_metrics(ranked, labels, ks, mrr_k)
         metrics["num_queries"] = len(labels)
+        if reranked is not None:
+            metrics.update({f"rerank_{name}": value for name, value in ranking_metrics(reranked, labels, ks,
+                                                                                      mrr_k).items()})
         return metrics
 
     return compute

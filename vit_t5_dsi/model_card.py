@@ -13,7 +13,10 @@ VARIANT_DESCRIPTIONS = {
                     "by dot product over every indexed image.",
 }
 
-ROWS = (("held-out captions", "eval"), ("seen captions", "seen"), ("indexing (image -> id)", "index"))
+ROWS = (("held-out captions", "eval"), ("seen captions", "seen"), ("indexing (image -> id)", "index"),
+        ("held-out captions, dense re-ranked", "eval_rerank"), ("seen captions, dense re-ranked", "seen_rerank"),
+        ("held-out captions, dual encoder (dense first)", "dense_eval"),
+        ("seen captions, dual encoder (dense first)", "dense_seen"))
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

@@ -17,17 +17,21 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 # what an earlier run left that a new one must not inherit (weights and code are rewritten by the new run)
-RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "protocol.json", "trainer_state.json",
+RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "dense_results.json", "protocol.json",
+               "trainer_state.json",
                "pseudo_queries.jsonl")
+RUN_SUBDIRS = ("dual_encoder",)  # --dense_first's dual encoder: a new run trains its own
 MODEL_STATE = ("image_index.json", "image_embeddings.safetensors", "model.safetensors", "model.safetensors.index.json",
                "config.json", "generation_config.json")
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse a non-empty `output_dir` unless `resuming` or `overwrite` (call it on every process)."""
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, dense_first: bool = False) -> None:
+    """Refuse a non-empty `output_dir` unless `resuming` or `overwrite` (call it on every process). With
+    `dense_first`, a directory holding only the dense stage is the same run continuing (that stage is reused or
+    resumed)."""
     if resuming or overwrite or not os.path.isdir(output_dir):
         return
-    entries = sorted(os.listdir(output_dir))
+    entries = sorted(set(os.listdir(output_dir)) - (set(RUN_SUBDIRS) if dense_first else set()))
     if entries:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise UsageError(f"--output_dir {output_dir} is not empty ({shown}). Pass --overwrite_output_dir to replace "
@@ -44,6 +48,8 @@ def clear_previous_run(output_dir: str, keep_model: bool = False) -> list[str]:
     for path in removed:
         os.unlink(path)
     checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")))
+    if not keep_model:
+        checkpoints += [path for path in (os.path.join(output_dir, d) for d in RUN_SUBDIRS) if os.path.isdir(path)]
     for path in checkpoints:
         shutil.rmtree(path)
     removed += checkpoints
@@ -53,4 +59,4 @@ def clear_previous_run(output_dir: str, keep_model: bool = False) -> list[str]:
     return removed
 
 
-__all__ = ["check_output_dir", "clear_previous_run", "RUN_RESULTS", "MODEL_STATE"]
+__all__ = ["check_output_dir", "clear_previous_run", "RUN_RESULTS", "MODEL_STATE", "RUN_SUBDIRS"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .dense_reranking import DenseReranker
 from .image_index import EMBEDDINGS_FILE_NAME
 from .modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel, load_dsi_model
 from .processing_vit_t5_dsi import ViTT5DSIProcessor
@@ -11,9 +12,13 @@ from .ranking import rank_by_generation, rank_by_similarity
 
 
 class DSIRetriever:
-    """`DSIRetriever.from_pretrained(dir).retrieve(["a red circle"], k=10)` -> per query [(image_key, score)]."""
+    """`DSIRetriever.from_pretrained(dir).retrieve(["a red circle"], k=10)` -> per query [(image_key, score)].
 
-    def __init__(self, model: ViTT5DSIPreTrainedModel, processor: ViTT5DSIProcessor):
+    `reranker` (a `DenseReranker`, or `rerank_with=` a dual-encoder checkpoint in `from_pretrained`) re-orders a
+    generative model's top-k by the dual encoder's similarity; scores are then the fused log-probabilities."""
+
+    def __init__(self, model: ViTT5DSIPreTrainedModel, processor: ViTT5DSIProcessor,
+                 reranker: DenseReranker | None = None):
         index = model.image_index
         if index is None:
             raise ValueError("This model has no image index (image_index.json): it was never trained on a collection.")
@@ -22,16 +27,23 @@ class DSIRetriever:
         index.check_tokenizer(processor.tokenizer)
         self.model, self.processor = model.eval(), processor
         self.image_embeddings = index.embeddings.to(model.device) if index.embeddings is not None else None
+        if reranker is not None:
+            if model.config.variant == "dual_encoder":
+                raise ValueError("A reranker re-orders a generative model's top-k; the dual encoder ranks by itself.")
+            reranker.to(model.device).embeddings_for(index)  # every indexed image must have a dense embedding
+        self.reranker = reranker
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
-                        **hub_kwargs) -> "DSIRetriever":
+                        rerank_with: str | None = None, rerank_weight: float = 0.5, **hub_kwargs) -> "DSIRetriever":
         """Model, image index and processor of a checkpoint (a directory or a Hub repo). `hub_kwargs`
-        (`revision`, `token`, `cache_dir`, `subfolder`, ...) reach every download."""
+        (`revision`, `token`, `cache_dir`, `subfolder`, ...) reach every download. `rerank_with`: a dual-encoder
+        checkpoint that re-ranks the top-k (e.g. the `dual_encoder` folder a --dense_first run leaves)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_dsi_model(name_or_path, **hub_kwargs)
         processor = ViTT5DSIProcessor.from_pretrained(name_or_path, **hub_kwargs)
-        return cls(model.to(device), processor)
+        reranker = DenseReranker.from_pretrained(rerank_with, rerank_weight) if rerank_with else None
+        return cls(model.to(device), processor, reranker)
 
     @torch.no_grad()
     def caption(self, images, num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
@@ -46,7 +58,8 @@ class DSIRetriever:
 
     @torch.no_grad()
     def retrieve(self, texts: list[str] | str, k: int = 10, batch_size: int = 32) -> list[list[tuple[str, float]]]:
-        """Up to k distinct indexed images per text, best first, with scores (log-probability, or cosine)."""
+        """Up to k distinct indexed images per text, best first, with scores (log-probability, cosine, or the fused
+        log-probability when re-ranking)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
@@ -59,6 +72,8 @@ class DSIRetriever:
             else:
                 ranking = rank_by_generation(self.model, self.model.image_index, k, input_ids=batch["input_ids"],
                                              attention_mask=batch["attention_mask"])
+                if self.reranker is not None:
+                    ranking = self.reranker.rerank(ranking, texts[start:start + batch_size], self.model.image_index)
             results.extend(ranking.keys(self.model.image_index))
         return results
 

@@ -1,0 +1,153 @@
+"""The dense-then-generative recipe end to end: rq ids from the dual encoder it trains first, dense re-ranking,
+reuse and resumption of the dense stage, and the flags that cannot go together."""
+
+import json
+import shutil
+
+import pytest
+
+import run_dsi_image
+from test_run_dsi_image import tiny_args
+
+RECIPE = ("--docid_scheme", "rq", "--dense_first", "--rerank_with", "dense_first", "--rq_codes_per_level", "4")
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("recipe")
+    metrics = run_dsi_image.main(tiny_args(tmp_path, *RECIPE, "--dense_first_epochs", "2", "--save_strategy", "steps",
+                                           "--save_steps", "3"))
+    return tmp_path, metrics
+
+
+def test_recipe_trains_the_dual_encoder_first_and_reports_both(recipe_run):
+    tmp_path, metrics = recipe_run
+    out = tmp_path / "out"
+    dense = out / "dual_encoder"
+    for name in ("model.safetensors", "image_index.json", "image_embeddings.safetensors", "processor_config.json",
+                 "all_results.json", "README.md"):
+        assert (dense / name).exists(), name  # a complete checkpoint of its own
+    dense_results = json.loads((dense / "all_results.json").read_text())
+    assert json.loads((dense / "trainer_state.json").read_text())["epoch"] == pytest.approx(2.0)
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_hits@1", "eval_rerank_hits@1", "eval_rerank_hits@10", "seen_rerank_mrr@10",
+                "dense_eval_hits@1", "dense_seen_hits@10", "dense_index_hits@1"):
+        assert key in results and 0.0 <= results[key] <= 1.0, key
+        assert results[key] == pytest.approx(metrics[key])
+    assert results["dense_eval_hits@1"] == pytest.approx(dense_results["eval_hits@1"])
+    assert not any(key.startswith("index_rerank") for key in results)  # image queries are not re-ranked
+    # re-ranking only re-orders the beam's candidates: what is in the top 10 cannot change
+    assert results["eval_rerank_hits@10"] == pytest.approx(results["eval_hits@10"])
+
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["docid_scheme"] == "rq" and protocol["id_embeddings"].startswith("dense_first")
+    info = protocol["docid_scheme_info"]
+    assert info["num_levels"] == 3 and info["codes_per_level"] == [4, 4, 4]
+    assert len(info["codes_used_per_level"]) == 3 and "colliding_images" in info
+    assert protocol["rerank_with"] == {"model": str(dense), "weight": 0.5}
+    index = json.loads((out / "image_index.json").read_text())
+    assert index["scheme"] == "rq" and all(s.startswith("<l0_c") for s in index["id_strings"])
+    card = (out / "README.md").read_text()
+    assert "| held-out captions, dense re-ranked |" in card and "dual encoder (dense first)" in card
+    # both models share one tokenizer: the generative one only adds the id tokens
+    dense_vocab = json.loads((dense / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    assert dense_vocab == vocab
+
+
+def test_retriever_reranks_with_the_dense_first_model(recipe_run):
+    from vit_t5_dsi import DSIRetriever
+
+    tmp_path, _ = recipe_run
+    out = tmp_path / "out"
+    plain = DSIRetriever.from_pretrained(str(out), device="cpu").retrieve(["a red circle"], k=5)[0]
+    reranked = DSIRetriever.from_pretrained(str(out), device="cpu", rerank_with=str(out / "dual_encoder"),
+                                            rerank_weight=1.0).retrieve(["a red circle"], k=5)[0]
+    assert {key for key, _ in reranked} == {key for key, _ in plain}  # the same candidates, re-ordered
+    scores = [score for _, score in reranked]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(ValueError, match="re-orders a generative model's top-k"):
+        DSIRetriever.from_pretrained(str(out / "dual_encoder"), device="cpu", rerank_with=str(out / "dual_encoder"))
+
+
+def test_a_finished_dense_stage_is_reused_when_resuming(recipe_run, tmp_path, caplog):
+    source, _ = recipe_run
+    shutil.copytree(source / "out", tmp_path / "out")
+    checkpoint = max((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    before = (tmp_path / "out" / "dual_encoder" / "model.safetensors").read_bytes()
+    with caplog.at_level("INFO"):
+        run_dsi_image.main(tiny_args(tmp_path, *RECIPE, "--dense_first_epochs", "2", "--save_strategy", "steps",
+                                     "--save_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
+    assert "reusing the dual encoder already trained" in caplog.text
+    assert (tmp_path / "out" / "dual_encoder" / "model.safetensors").read_bytes() == before
+
+
+def test_an_interrupted_dense_stage_resumes_from_its_checkpoint(recipe_run, tmp_path, caplog):
+    source, _ = recipe_run
+    dense = tmp_path / "out" / "dual_encoder"
+    shutil.copytree(source / "out" / "dual_encoder", dense)
+    first = min(dense.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for path in dense.iterdir():  # as if killed after a mid-stage checkpoint: only that checkpoint is left
+        if path != first:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert json.loads((first / "trainer_state.json").read_text())["epoch"] < 2
+    with caplog.at_level("INFO"):
+        run_dsi_image.main(tiny_args(tmp_path, *RECIPE, "--dense_first_epochs", "2"))
+    assert f"resuming from {first}" in caplog.text
+    state = json.loads((dense / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(2.0)
+
+
+def test_overwrite_replaces_the_dense_stage_too(recipe_run, tmp_path, caplog):
+    source, _ = recipe_run
+    shutil.copytree(source / "out", tmp_path / "out")
+    with caplog.at_level("INFO"):
+        run_dsi_image.main(tiny_args(tmp_path, *RECIPE, "--dense_first_epochs", "1", "--overwrite_output_dir",
+                                     "True"))
+    assert "reusing the dual encoder" not in caplog.text
+    assert json.loads((tmp_path / "out" / "dual_encoder" / "trainer_state.json").read_text())["epoch"] == \
+        pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dense_first", "--docid_scheme", "naive"], "--docid_scheme naive does not use embeddings"),
+    (["--dense_first", "--variant", "dual_encoder"], "pass a generative --variant"),
+    (["--dense_first", "--semantic_embeddings", "x.npy"], "excludes --semantic_embeddings"),
+    (["--rerank_with", "dense_first"], "needs --dense_first"),
+    (["--rerank_with", "somewhere", "--variant", "dual_encoder"], "the dual encoder ranks by itself"),
+    (["--rerank_weight", "1.5"], r"--rerank_weight must be in \[0, 1\]"),
+    (["--dense_first_epochs", "3"], "--dense_first_epochs needs --dense_first"),
+    (["--docid_scheme", "rq", "--rq_codes_per_level", "1"], "--rq_codes_per_level must be >= 2"),
+    (["--docid_scheme", "rq", "--rq_num_levels", "0"], "--rq_num_levels must be >= 1"),
+])
+def test_recipe_flags_that_cannot_go_together_fail_before_training(tmp_path, extra, message):
+    with pytest.raises(run_dsi_image.UsageError, match=message):
+        run_dsi_image.main(tiny_args(tmp_path, *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerank_with_a_generative_checkpoint_is_refused(recipe_run, tmp_path):
+    source, _ = recipe_run
+    with pytest.raises(run_dsi_image.UsageError, match="--rerank_with .*dual_encoder checkpoint"):
+        run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "1", "--rerank_with", str(source / "out")))
+
+
+def test_rerank_with_a_dual_encoder_of_another_collection_is_refused(recipe_run, tmp_path):
+    source, _ = recipe_run
+    with pytest.raises(run_dsi_image.UsageError, match="no embedding for .* it was trained on another collection"):
+        run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "1", "--demo_num_images", "45", "--rerank_with",
+                                     str(source / "out" / "dual_encoder")))
+
+
+def test_rq_ids_from_a_npy_file(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(40, 8)))
+    run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "2", "--docid_scheme", "rq", "--semantic_embeddings",
+                                 str(tmp_path / "emb.npy")))
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["docid_scheme"] == "rq" and protocol["id_embeddings"].endswith("emb.npy")
+    np.save(tmp_path / "bad.npy", np.zeros((39, 8)))
+    with pytest.raises(run_dsi_image.UsageError, match=r"shape \(39, 8\) for 40 indexed images"):
+        run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "2", "--docid_scheme", "rq", "--semantic_embeddings",
+                                     str(tmp_path / "bad.npy"), "--overwrite_output_dir", "True"))

@@ -1,0 +1,94 @@
+"""Dense re-ranking of a generative top-k (GENIUS): a dual encoder re-scores the beam's candidates.
+
+Beam search is good at finding the right region of the collection and weaker at ordering the few images inside
+it; a dual encoder orders a handful of candidates cheaply (k dot products per query, no search over the whole
+collection). Both scores become log-probabilities over the k candidates and are mixed with one weight:
+
+    fused = (1 - weight) * log_softmax(generative log-prob) + weight * log_softmax(scale * cosine)
+
+where `scale` is the dual encoder's own learned temperature. weight 0 keeps the beam's order, 1 orders the beam's
+candidates by the dual encoder alone. Only the order changes: the candidates are the generative model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .image_index import EMBEDDINGS_FILE_NAME, ImageIndex
+from .ranking import Ranking
+
+
+class DenseReranker:
+    """`DenseReranker.from_pretrained(dual_encoder_checkpoint).rerank(ranking, texts, index)`."""
+
+    def __init__(self, model, processor, weight: float = 0.5):
+        if model.config.variant != "dual_encoder":
+            raise ValueError(f"Re-ranking needs a dual_encoder checkpoint, got variant {model.config.variant!r}.")
+        if model.image_index is None or model.image_index.embeddings is None:
+            raise ValueError(f"The dual encoder has no image embeddings ({EMBEDDINGS_FILE_NAME}) to re-rank with.")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"The re-ranking weight must be in [0, 1], got {weight}.")
+        self.model, self.processor, self.weight = model.eval(), processor, float(weight)
+        self._aligned: tuple[int, torch.Tensor] | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, weight: float = 0.5, device: str | torch.device | None = None,
+                        **hub_kwargs) -> "DenseReranker":
+        from .modeling_vit_t5_dsi import load_dsi_model
+        from .processing_vit_t5_dsi import ViTT5DSIProcessor
+
+        model = load_dsi_model(name_or_path, **hub_kwargs)
+        processor = ViTT5DSIProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        return cls(model.to(device) if device is not None else model, processor, weight)
+
+    def to(self, device) -> "DenseReranker":
+        self.model.to(device)
+        self._aligned = None
+        return self
+
+    def embeddings_for(self, index: ImageIndex) -> torch.Tensor:
+        """The dual encoder's image embeddings in `index`'s order; every image of `index` must have one."""
+        if self._aligned is not None and self._aligned[0] == id(index):
+            return self._aligned[1]
+        own = self.model.image_index
+        missing = [key for key in index.keys if key not in own.position_of_key]
+        if missing:
+            raise ValueError(f"The re-ranking dual encoder has no embedding for {len(missing)} of the "
+                             f"{len(index)} indexed images (e.g. {missing[:3]}): it was trained on another "
+                             "collection.")
+        rows = torch.as_tensor([own.position_of_key[key] for key in index.keys])
+        aligned = own.embeddings[rows].float().to(self.model.device)
+        self._aligned = (id(index), aligned)
+        return aligned
+
+    @torch.no_grad()
+    def rerank(self, ranking: Ranking, texts: list[str], index: ImageIndex) -> Ranking:
+        """Re-order each query's candidates (empty slots, -1, stay last)."""
+        if len(texts) != len(ranking.positions):
+            raise ValueError(f"{len(texts)} query texts for {len(ranking.positions)} ranked queries.")
+        batch = self.processor(text=list(texts)).to(self.model.device)
+        queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"]).float()
+        images = self.embeddings_for(index)
+        positions = torch.as_tensor(ranking.positions, device=images.device)
+        valid = positions >= 0
+        candidates = images[positions.clamp(min=0)]  # (B, k, d)
+        scale = self.model.logit_scale.clamp(max=4.6052).exp().float()
+        dense = (scale * torch.einsum("bd,bkd->bk", queries, candidates)).masked_fill(~valid, float("-inf"))
+        generative = torch.as_tensor(ranking.scores, device=images.device).float().masked_fill(~valid, float("-inf"))
+        fused = ((1 - self.weight) * _log_softmax(generative) + self.weight * _log_softmax(dense))
+        fused = fused.masked_fill(~valid, float("-inf"))
+        order = fused.argsort(dim=1, descending=True, stable=True)
+        new_positions = torch.gather(positions, 1, order).masked_fill(~torch.gather(valid, 1, order), -1)
+        return Ranking(new_positions.cpu().numpy().astype(np.int64),
+                       torch.gather(fused, 1, order).cpu().numpy().astype(np.float32))
+
+
+def _log_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the valid (finite) slots; a row without any stays -inf, never NaN."""
+    finite = torch.isfinite(scores)
+    safe = torch.where(finite, scores, torch.full_like(scores, -1e30))
+    return torch.where(finite, torch.log_softmax(safe, dim=1), scores)
+
+
+__all__ = ["DenseReranker"]
