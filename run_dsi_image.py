@@ -13,9 +13,11 @@ A usage error (bad data, a bad flag combination) prints one line and exits with 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -282,6 +284,9 @@ def train_dense_first(model_args, data_args, training_args, collection, splits) 
         metrics = train_and_evaluate(d_model_args, d_data_args, d_training_args, collection, splits,
                                      d_training_args.resume_from_checkpoint)
         finish_tracking_run(training_args)
+        if training_args.process_index == 0:  # finished: its checkpoints only resumed it (and would be pushed)
+            for checkpoint in glob.glob(os.path.join(directory, "checkpoint-*")):
+                shutil.rmtree(checkpoint)
     return directory, {f"dense_{key}": value for key, value in metrics.items()
                        if key.split("_", 1)[0] in ("eval", "seen", "index", "train")}
 

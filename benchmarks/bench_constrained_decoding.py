@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of constraining beam search to existing image ids: our tensor trie vs. a GENRE-style dict trie.
 
-For each number of ids N and scheme (naive digit strings, semantic k-means paths), it prints the trie's build
+For each number of ids N and scheme (naive digit strings, semantic k-means paths, rq codes), it prints the trie's build
 time and extra peak memory, then decode times for batches of 1 and 32 queries (10 beams, 10 returned) on a tiny
 random decoder with a 4K vocabulary:
   (a) unconstrained beam search (same number of steps),
@@ -68,6 +68,34 @@ def semantic_ids(n: int, branches: int = 10, leaf: int = 100, seed: int = 0) -> 
     return ids
 
 
+def rq_ids(n: int, levels: int = 3, seed: int = 0) -> list[list[int]]:
+    """The token structure of rq ids: one token per (level, code), codes per level as run_dsi_image.py picks them
+    by default (the smallest K with K ** levels >= 4N), uneven code frequencies like k-means on real residuals,
+    and a position token only for images that share every code."""
+    codes_per_level = 2
+    while codes_per_level ** levels < 4 * n:
+        codes_per_level += 1
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.choice(codes_per_level, size=n, p=rng.dirichlet(np.full(codes_per_level, 2.0)))
+                      for _ in range(levels)], axis=1)
+    _, cell, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    cell = cell.reshape(-1)
+    order = np.argsort(cell, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(cell[order])) + 1]
+    position = np.empty(n, dtype=np.int64)
+    ranks = np.arange(n)
+    position[order] = ranks - starts[np.searchsorted(starts, ranks, side="right") - 1]
+    tokens = 20 + np.arange(levels) * codes_per_level + codes  # (n, levels) distinct per (level, code)
+    collision_token = 20 + levels * codes_per_level + position
+    if collision_token.max() >= VOCAB:
+        raise ValueError("rq benchmark ids need a larger vocabulary")
+    return [row + [int(c)] if counts[k] > 1 else row
+            for row, c, k in zip(tokens.tolist(), collision_token.tolist(), cell.tolist())]
+
+
+ID_SCHEMES = {"naive": naive_ids, "semantic": semantic_ids, "rq": rq_ids}
+
+
 class DictTrie:
     """The GENRE-style reference: nested dicts, walked from the root for every beam at every step."""
 
@@ -124,7 +152,7 @@ class Timed(LogitsProcessor):
 def measure_build(scheme: str, n: int) -> tuple[float, float]:
     """Seconds and peak extra RSS (MB) of building the trie, ids already in memory."""
     torch.set_num_threads(1)
-    sequences = naive_ids(n) if scheme == "naive" else semantic_ids(n)
+    sequences = ID_SCHEMES[scheme](n)
     _, seconds, megabytes = peak_extra_memory(lambda: IdTrie(sequences, EOS, PAD))
     return seconds, megabytes
 
@@ -146,7 +174,7 @@ def decode_seconds(model, encoder_outputs, mask, steps, repeats, constraint=None
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
-    parser.add_argument("--schemes", nargs="+", default=["naive", "semantic"])
+    parser.add_argument("--schemes", nargs="+", default=list(ID_SCHEMES), choices=list(ID_SCHEMES))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3, help="Median of this many decodes per cell.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steadier).")
@@ -162,7 +190,7 @@ def main():
     rows = []
     for scheme in args.schemes:
         for n in args.sizes:
-            sequences = naive_ids(n) if scheme == "naive" else semantic_ids(n)
+            sequences = ID_SCHEMES[scheme](n)
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: no reused heap
                 build_s, build_mb = pool.apply(measure_build, (scheme, n))
             trie = IdTrie(sequences, EOS, PAD)

@@ -27,6 +27,7 @@ def test_recipe_trains_the_dual_encoder_first_and_reports_both(recipe_run):
     for name in ("model.safetensors", "image_index.json", "image_embeddings.safetensors", "processor_config.json",
                  "all_results.json", "README.md"):
         assert (dense / name).exists(), name  # a complete checkpoint of its own
+    assert not list(dense.glob("checkpoint-*"))  # finished: only the final model is kept (and pushed)
     dense_results = json.loads((dense / "all_results.json").read_text())
     assert json.loads((dense / "trainer_state.json").read_text())["epoch"] == pytest.approx(2.0)
     results = json.loads((out / "all_results.json").read_text())
@@ -82,20 +83,21 @@ def test_a_finished_dense_stage_is_reused_when_resuming(recipe_run, tmp_path, ca
     assert (tmp_path / "out" / "dual_encoder" / "model.safetensors").read_bytes() == before
 
 
-def test_an_interrupted_dense_stage_resumes_from_its_checkpoint(recipe_run, tmp_path, caplog):
-    source, _ = recipe_run
-    dense = tmp_path / "out" / "dual_encoder"
-    shutil.copytree(source / "out" / "dual_encoder", dense)
-    first = min(dense.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for path in dense.iterdir():  # as if killed after a mid-stage checkpoint: only that checkpoint is left
-        if path != first:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+def test_an_interrupted_dense_stage_resumes_from_its_checkpoint(tmp_path, caplog):
+    # the dense stage is a dual-encoder run with the same flags: one killed after its first checkpoint leaves this
+    killed = tmp_path / "killed"
+    run_dsi_image.main(tiny_args(killed, "--variant", "dual_encoder", "--num_train_epochs", "2",
+                                 "--save_strategy", "steps", "--save_steps", "3"))
+    first = min((killed / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert json.loads((first / "trainer_state.json").read_text())["epoch"] < 2
-    with caplog.at_level("INFO"):
+    dense = tmp_path / "out" / "dual_encoder"
+    dense.mkdir(parents=True)
+    shutil.copytree(first, dense / first.name)
+    with caplog.at_level("INFO"):  # the same command again: the non-empty output_dir holds only the dense stage
         run_dsi_image.main(tiny_args(tmp_path, *RECIPE, "--dense_first_epochs", "2"))
-    assert f"resuming from {first}" in caplog.text
-    state = json.loads((dense / "trainer_state.json").read_text())
-    assert state["epoch"] == pytest.approx(2.0)
+    assert f"resuming from {dense / first.name}" in caplog.text
+    assert json.loads((dense / "trainer_state.json").read_text())["epoch"] == pytest.approx(2.0)
+    assert not list(dense.glob("checkpoint-*"))  # finished: its resume state is gone
 
 
 def test_overwrite_replaces_the_dense_stage_too(recipe_run, tmp_path, caplog):

@@ -336,16 +336,45 @@ def test_residual_quantization_codes_collisions_and_determinism():
     assert all(len(set(first.codes[i::4, 0])) == 1 for i in range(4))
     assert len({int(first.codes[i, 0]) for i in range(4)}) == 4
     same = [1, 5, 9, 13]
-    assert sorted(first.position[same].tolist()) == [0, 1, 2, 3]  # a collision level for them ...
+    assert (first.extra[same] >= 0).all()
+    groups = {}
+    for row, group in enumerate(map(tuple, np.concatenate([first.codes, first.extra[:, None]], 1).tolist())):
+        groups.setdefault(group, []).append(row)
+    for members in groups.values():  # a position token only where the extra level could not separate
+        assert bool((first.position[members] >= 0).all()) == (len(members) > 1)
     cells = {}
     for row, cell in enumerate(map(tuple, first.codes.tolist())):
         cells.setdefault(cell, []).append(row)
-    for members in cells.values():  # ... and for every image that shares all its codes, none other
-        assert bool((first.position[members] >= 0).all()) == (len(members) > 1)
-        assert bool((first.position[members] < 0).all()) == (len(members) == 1)
+    for members in cells.values():  # the extra level only where images share all their codes
+        assert bool((first.extra[members] >= 0).all()) == (len(members) > 1)
+        assert bool((first.extra[members] < 0).all()) == (len(members) == 1)
+    assert len({tuple(first.id_tokens(row)) for row in range(40)}) == 40
     summary = first.summary()
-    assert summary["colliding_images"] == int((first.position >= 0).sum()) >= 4
-    assert summary["largest_cell"] >= 4 and summary["codes_used_per_level"] == [4, 4]
+    assert summary["colliding_images"] == int((first.extra >= 0).sum()) >= 4
+    assert summary["codes_used_per_level"] == [4, 4]
+    assert summary["images_with_position_token"] == int((first.position >= 0).sum())
+
+
+def test_rq_extra_level_separates_a_cell_with_meaningful_codes():
+    from vit_t5_dsi.residual_quantization import residual_quantize
+
+    # two far-apart groups; inside each, two images differ only by a tiny offset along one of two directions
+    base = np.array([[10.0, 0, 0, 0], [-10.0, 0, 0, 0]])
+    offsets = np.array([[0, 0.01, 0, 0], [0, 0, 0.01, 0]])
+    embeddings = np.array([b + o for b in base for o in offsets])
+    codes = residual_quantize(embeddings, num_levels=1, codes_per_level=2)
+    assert codes.codes[:, 0].tolist()[0] == codes.codes[:, 0].tolist()[1] != codes.codes[:, 0].tolist()[2]
+    assert (codes.extra >= 0).all() and (codes.position < 0).all()
+    # the same residual direction gets the same extra code in both cells: the token means something
+    assert codes.extra[0] == codes.extra[2] and codes.extra[1] == codes.extra[3] and codes.extra[0] != codes.extra[1]
+
+
+def test_rq_position_token_only_when_the_extra_level_cannot_separate():
+    from vit_t5_dsi.residual_quantization import residual_quantize
+
+    codes = residual_quantize(np.ones((6, 4)), num_levels=2, codes_per_level=4)
+    assert codes.summary()["images_with_position_token"] == 6 and sorted(codes.position.tolist()) == list(range(6))
+    assert len({tuple(codes.id_tokens(row)) for row in range(6)}) == 6
 
 
 def test_rq_ids_one_token_per_level_and_code(fresh_tokenizer):
@@ -356,9 +385,9 @@ def test_rq_ids_one_token_per_level_and_code(fresh_tokenizer):
         names = fresh_tokenizer.convert_ids_to_tokens(tokens)
         assert "".join(names) == id_string
         assert [name.split("_c")[0] for name in names][:2] == ["<l0", "<l1"]  # level by level
-        assert len(tokens) in (2, 3) and all(vocabulary[name] == t for name, t in zip(names, tokens))
+        assert len(tokens) in (2, 3, 4) and all(vocabulary[name] == t for name, t in zip(names, tokens))
     # one token per (level, code), shared by every image with that code: the trie stays small
-    assert len(index.added_tokens) <= 4 + 4 + index.scheme_info["largest_cell"]
+    assert len(index.added_tokens) <= 4 + 4 + 4 + index.scheme_info["largest_shared_id"]
     assert index.scheme_info["num_levels"] == 2 and index.scheme_info["codes_per_level"] == [4, 4]
     again = ImageIndex.build(KEYS, fresh_tokenizer, "rq", semantic_embeddings(), rq_num_levels=2,
                              rq_codes_per_level=4)

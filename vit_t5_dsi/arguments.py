@@ -66,8 +66,8 @@ class ModelArguments:
         "help": "semantic and rq ids from this .npy (one row per indexed image, in index order) or from this trained "
                 "dual_encoder checkpoint directory. Default: the model's own image tower (or the dual encoder "
                 "--dense_first trains)."})
-    rq_num_levels: int = field(default=3, metadata={"help": "rq ids: quantization levels (tokens per id before the "
-                                                            "collision level)."})
+    rq_num_levels: int = field(default=3, metadata={
+        "help": "rq ids: quantization levels (tokens per id; images that share every code get one more level)."})
     rq_codes_per_level: int | None = field(default=None, metadata={
         "help": "rq ids: k-means codes per level. Default: the smallest number giving at least 4 cells per image "
                 "over the levels (11 for the demo's 300 images at 3 levels), at least 2."})

@@ -3,8 +3,9 @@
 Level 0 k-means-clusters the image embeddings; each later level clusters what the earlier levels left unexplained
 (the residuals). An image's id is its code at every level, written with one vocabulary token per (level, code),
 e.g. `<l0_c4><l1_c17><l2_c3>`, so a caption that predicts "a red shape" can predict the first token and each
-further token refines it. Unlike hierarchical k-means ids, no token is an arbitrary position, except where
-images share every code: only those cells get one more level, the image's position in its cell.
+further token refines it. Images that share every code (a cell) get one more quantization level, computed on
+their residuals only, so even that token means something ("residual direction 5"); an image that still shares
+its codes with another gets a last token, its position among them. Most ids never need either.
 
 Scikit-learn's k-means is used (not a hand-written one): it is deterministic under `random_state` and well kept.
 """
@@ -22,10 +23,11 @@ CODE_TOKEN = "<l{level}_c{code}>"
 
 @dataclass
 class ResidualCodes:
-    """Codes (num_images, num_levels); `position` is each image's place in its cell (-1 where the cell holds one
-    image, so the id needs no collision level)."""
+    """Codes (num_images, num_levels); `extra` is the extra level's code of images that share all their codes
+    (-1 for the others), `position` an image's place among those that still share everything (-1 otherwise)."""
 
     codes: np.ndarray
+    extra: np.ndarray
     position: np.ndarray
     codes_per_level: list[int]
     usage: list[int] = field(default_factory=list)  # distinct codes used per level
@@ -34,14 +36,12 @@ class ResidualCodes:
     def num_levels(self) -> int:
         return self.codes.shape[1]
 
-    @property
-    def num_colliding_images(self) -> int:
-        return int((self.position >= 0).sum())
-
     def id_tokens(self, row: int) -> list[str]:
         tokens = [CODE_TOKEN.format(level=level, code=int(code)) for level, code in enumerate(self.codes[row])]
+        if self.extra[row] >= 0:
+            tokens.append(CODE_TOKEN.format(level=self.num_levels, code=int(self.extra[row])))
         if self.position[row] >= 0:
-            tokens.append(CODE_TOKEN.format(level=self.num_levels, code=int(self.position[row])))
+            tokens.append(CODE_TOKEN.format(level=self.num_levels + 1, code=int(self.position[row])))
         return tokens
 
     def summary(self) -> dict:
@@ -49,8 +49,43 @@ class ResidualCodes:
         cells = {tuple(row) for row in self.codes.tolist()}
         return {"num_levels": self.num_levels, "codes_per_level": self.codes_per_level,
                 "codes_used_per_level": self.usage, "num_cells": len(cells),
-                "colliding_images": self.num_colliding_images,
-                "largest_cell": int(self.position.max()) + 1 if self.num_colliding_images else 1}
+                "colliding_images": int((self.extra >= 0).sum()),
+                "extra_level_codes_used": int(len(np.unique(self.extra[self.extra >= 0]))),
+                "images_with_position_token": int((self.position >= 0).sum()),
+                "largest_shared_id": int(self.position.max()) + 1 if (self.position >= 0).any() else 1}
+
+
+def _kmeans(points: np.ndarray, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and centres; at most as many clusters as distinct points (one cluster when all are equal)."""
+    KMeans = optional_import("sklearn.cluster", "rq ids (k-means)").KMeans
+
+    clusters = min(clusters, len(np.unique(points.round(decimals=9), axis=0)))
+    if clusters < 2:
+        return np.zeros(len(points), dtype=np.int64), points.mean(0, keepdims=True)
+    kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed).fit(points)
+    return kmeans.labels_.astype(np.int64), kmeans.cluster_centers_
+
+
+def _distinct_nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Each point's code among `centers`, nearest first but distinct within the group (greedy on distance), so
+    the extra level separates a cell whenever it has enough codes; the rest share the last code."""
+    distances = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    assigned = np.full(len(points), -1, dtype=np.int64)
+    for flat in np.argsort(distances, axis=None, kind="stable"):
+        point, code = divmod(int(flat), len(centers))
+        if assigned[point] < 0 and code not in assigned:
+            assigned[point] = code
+    left = assigned < 0  # more points than codes: these share a code (and get a position token)
+    assigned[left] = distances[left].argmin(1)
+    return assigned
+
+
+def _groups(rows: np.ndarray) -> list[np.ndarray]:
+    """Indices of identical rows, for every group of two or more."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(map(tuple, rows.tolist())):
+        groups.setdefault(row, []).append(i)
+    return [np.asarray(members) for members in groups.values() if len(members) > 1]
 
 
 def residual_quantize(embeddings: np.ndarray, num_levels: int = 3, codes_per_level: int = 16,
@@ -60,8 +95,6 @@ def residual_quantize(embeddings: np.ndarray, num_levels: int = 3, codes_per_lev
     Rows are L2-normalised first (contrastive embeddings are compared by cosine). A level never asks k-means for
     more clusters than there are distinct residuals.
     """
-    KMeans = optional_import("sklearn.cluster", "rq ids (k-means)").KMeans
-
     embeddings = np.asarray(embeddings, dtype=np.float64)
     if embeddings.ndim != 2 or len(embeddings) == 0:
         raise ValueError(f"rq ids need a (num_images, dim) embedding matrix, got shape {embeddings.shape}.")
@@ -76,24 +109,21 @@ def residual_quantize(embeddings: np.ndarray, num_levels: int = 3, codes_per_lev
     codes = np.zeros((len(embeddings), num_levels), dtype=np.int64)
     usage = []
     for level in range(num_levels):
-        distinct = len(np.unique(residual.round(decimals=9), axis=0))
-        clusters = min(codes_per_level, distinct)
-        if clusters < 2:  # nothing left to tell apart: one code for all
-            labels, centers = np.zeros(len(residual), dtype=np.int64), residual.mean(0, keepdims=True)
-        else:
-            kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed + level).fit(residual)
-            labels, centers = kmeans.labels_.astype(np.int64), kmeans.cluster_centers_
+        labels, centers = _kmeans(residual, codes_per_level, seed + level)
         codes[:, level] = labels
         usage.append(int(len(np.unique(labels))))
         residual = residual - centers[labels]
+    extra = np.full(len(embeddings), -1, dtype=np.int64)
+    cells = _groups(codes)
+    if cells:  # one more level, fitted on the residuals of the images that need it
+        colliding = np.concatenate(cells)
+        _, centers = _kmeans(residual[colliding], codes_per_level, seed + num_levels)
+        for members in cells:
+            extra[members] = _distinct_nearest(residual[members], centers)
     position = np.full(len(embeddings), -1, dtype=np.int64)
-    cells: dict[tuple, list[int]] = {}
-    for row, cell in enumerate(map(tuple, codes.tolist())):
-        cells.setdefault(cell, []).append(row)
-    for members in cells.values():
-        if len(members) > 1:
-            position[members] = np.arange(len(members))
-    return ResidualCodes(codes, position, [codes_per_level] * num_levels, usage)
+    for members in _groups(np.concatenate([codes, extra[:, None]], axis=1)):
+        position[members] = np.arange(len(members))
+    return ResidualCodes(codes, extra, position, [codes_per_level] * num_levels, usage)
 
 
 __all__ = ["ResidualCodes", "residual_quantize", "CODE_TOKEN"]
