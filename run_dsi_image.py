@@ -170,8 +170,11 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
                                  rq_codes_per_level(model_args, len(keys)))
         logger.info("Built %s ids for %d images (at most %d tokens)%s.", scheme, len(index), index.max_id_length,
                     f": {index.scheme_info}" if index.scheme_info else "")
-        payload = index.to_dict()
-    index = ImageIndex.from_dict(broadcast_from_main(payload))
+        payload = {"index": index.to_dict(),
+                   "code_vectors": {token: vector.tolist() for token, vector in index.code_vectors.items()}}
+    payload = broadcast_from_main(payload)
+    index = ImageIndex.from_dict(payload["index"])
+    index.code_vectors = {int(token): np.asarray(vector) for token, vector in payload["code_vectors"].items()}
     missing = [t for t in index.added_tokens if t not in processor.tokenizer.get_vocab()]
     if missing:  # atomic and rq ids: the main process added these tokens to its tokenizer
         processor.tokenizer.add_tokens(missing)
@@ -321,6 +324,8 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
     index.check_tokenizer(processor.tokenizer)
     check_identical_on_every_process(index.to_dict(), "image index")
     index.resize_model_embeddings(model)
+    if model_args.rq_code_embeddings and index.initialise_code_embeddings(model, training_args.seed):
+        logger.info("rq code tokens start at their codes' vectors (--rq_code_embeddings).")
     model.image_index = index
     if captioning:  # captions never contain identifier-only tokens (kept in the config for every later caption)
         model.config.caption_suppress_token_ids = index.identifier_only_token_ids(
@@ -344,7 +349,8 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
         pseudo_queries=store, caption_references=references if captioning else None,
-        callbacks=[refresh] if refresh is not None else None, reranker=reranker)
+        callbacks=[refresh] if refresh is not None else None, reranker=reranker,
+        image_cache_mb=data_args.image_cache_mb)
     description = (f"built-in synthetic scenes ({len(collection)} images)" if data_args.is_demo else
                    f"{collection.source}: {splits.summary()}")
 

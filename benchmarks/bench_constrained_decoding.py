@@ -1,18 +1,20 @@
 #!/usr/bin/env python
 """Cost of constraining beam search to existing image ids: our tensor trie vs. a GENRE-style dict trie.
 
-For each number of ids N and scheme (naive digit strings, semantic k-means paths, rq codes), it prints the trie's build
-time and extra peak memory, then decode times for batches of 1 and 32 queries (10 beams, 10 returned) on a tiny
-random decoder with a 4K vocabulary:
+For each number of ids N and scheme (naive digit strings, semantic k-means paths, rq codes), it prints the trie's
+build time and extra peak memory, then decode times for batches of 1 and 32 queries (10 beams, 10 returned) on a
+random decoder: tiny with a 4K vocabulary, or with `--width base` T5-base widths and T5's 32K vocabulary:
   (a) unconstrained beam search (same number of steps),
   (b) TrieConstrainedLogitsProcessor (this project),
   (c) a nested-dict trie called through prefix_allowed_tokens_fn (one Python call per beam per step).
 The constraint's own cost is measured directly: the time spent inside each constraint's logits processor
-(both go through the same `logits_processor` path; (b)-(a) also mixes in search-length differences). Targets at 100K and 1M ids: (b) <= 1.10 x (a),
-(b)-(a) <= ((c)-(a)) / 3, and the 1M-id trie built in <= 10 s with <= 500 MB extra memory.
+(both go through the same `logits_processor` path; (b)-(a) also mixes in search-length differences). Targets at
+100K and 1M ids: (b) <= 1.10 x (a), (b)-(a) <= ((c)-(a)) / 3, and the 1M-id trie built in <= 10 s with <= 500 MB
+extra memory.
 
     python benchmarks/bench_constrained_decoding.py                 # 1K, 10K, 100K, 1M (several minutes)
     python benchmarks/bench_constrained_decoding.py --sizes 1000 10000 --repeats 2
+    python benchmarks/bench_constrained_decoding.py --width base --sizes 100000 1000000 --schemes rq
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from vit_t5_dsi.id_trie import IdTrie, TrieConstrainedLogitsProcessor
 PAD, EOS = 0, 1
 DIGIT_TOKENS = np.arange(10, 20)  # token ids of "0".."9" in the benchmark's vocabulary
 VOCAB = 4096
+VOCAB_OF_WIDTH = {"tiny": 4096, "base": 32128}  # base: T5's own 32K vocabulary
 
 
 def naive_ids(n: int) -> list[list[int]]:
@@ -178,11 +181,14 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3, help="Median of this many decodes per cell.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steadier).")
+    parser.add_argument("--width", default="tiny", choices=list(VOCAB_OF_WIDTH),
+                        help="Decoder widths: tiny (4K vocabulary) or base (T5-base widths, 32K vocabulary).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = ViTT5DSIConfig.from_preset("tiny", vocab_size=VOCAB)
+    vocab = VOCAB_OF_WIDTH[args.width]
+    config = ViTT5DSIConfig.from_preset(args.width, vocab_size=vocab)
     model = ViTT5DSIForConditionalGeneration(config).eval()
     # A decoder that never writes eos by itself runs (a) for exactly as many steps as the constrained searches.
     model.generation_config.eos_token_id = EOS
@@ -198,9 +204,10 @@ def main():
             dict_trie = DictTrie(sequences)
             for batch in args.batches:
                 with torch.no_grad():
-                    encoder_outputs, mask, _ = model.encode(pixel_values=torch.randn(batch, 3, 32, 32))
+                    encoder_outputs, mask, _ = model.encode(
+                        pixel_values=torch.randn(batch, 3, config.image_size, config.image_size))
                 unconstrained, _ = decode_seconds(model, encoder_outputs, mask, steps, args.repeats,
-                                                  eos_token_id=VOCAB - 1, min_new_tokens=steps)
+                                                  eos_token_id=vocab - 1, min_new_tokens=steps)
                 ours, ours_own = decode_seconds(model, encoder_outputs, mask, steps, args.repeats,
                                                 TrieConstrainedLogitsProcessor(trie))
                 genre, genre_own = decode_seconds(model, encoder_outputs, mask, steps, args.repeats,

@@ -310,3 +310,83 @@ def test_inspect_collection_script_reports_bad_input(tmp_path, capsys):
     os.remove(os.path.join(image_dir, "2.jpg"))
     assert module.main(["--karpathy_json", path, "--image_dir", image_dir]) == 1
     assert "missing image file: image '2.jpg'" in capsys.readouterr().err
+
+
+# ----- decoded images kept as uint8 -----------------------------------------------------------------------
+
+@pytest.fixture
+def scene_source(tmp_path, tokenizer):
+    from conftest import tiny_config
+    from vit_t5_dsi import ViTT5DSIProcessor
+    from vit_t5_dsi.dsi_data import ImageSource
+
+    path = generate_scenes(str(tmp_path), 12, image_size=64, seed=0, progress=False)
+    collection = load_karpathy(path, str(tmp_path / "images"))
+    return ImageSource(collection.images), ViTT5DSIProcessor.for_model(tiny_config(), tokenizer)
+
+
+def test_cached_images_give_exactly_the_pixels_of_a_full_pass_and_are_decoded_once(scene_source):
+    import torch
+
+    from vit_t5_dsi.decoded_images import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)[:8]
+    cache = DecodedImages(images, processor, budget_mb=64)
+    full = processor(images=[images.load(key) for key in keys])["pixel_values"]
+    assert torch.equal(cache.pixel_values(keys), full)
+    assert cache.enabled and cache.used == 8 * 3 * 32 * 32  # uint8: one byte per value
+    decoded = cache.decoded
+    assert torch.equal(cache.pixel_values(keys[::-1]), full.flip(0))  # later epochs decode nothing
+    assert cache.decoded == decoded
+
+
+def test_a_changed_image_file_is_decoded_again(scene_source):
+    import time
+
+    import torch
+
+    from vit_t5_dsi.decoded_images import DecodedImages
+
+    images, processor = scene_source
+    key = next(iter(images.position))
+    cache = DecodedImages(images, processor)
+    before = cache.pixel_values([key])
+    time.sleep(0.01)
+    Image.new("RGB", (64, 64), (250, 0, 0)).save(images.path(key))  # the file changes under the running job
+    after = cache.pixel_values([key])
+    assert not torch.equal(before, after)
+    assert torch.equal(after, processor(images=[Image.new("RGB", (64, 64), (250, 0, 0))])["pixel_values"])
+
+
+def test_cache_budget_and_switching_it_off(scene_source):
+    import torch
+
+    from vit_t5_dsi.decoded_images import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)[:6]
+    small = DecodedImages(images, processor, budget_mb=2 * 3 * 32 * 32 / 2 ** 20)  # room for two images
+    full = processor(images=[images.load(key) for key in keys])["pixel_values"]
+    assert torch.equal(small.pixel_values(keys), full) and small.used == 2 * 3 * 32 * 32
+    off = DecodedImages(images, processor, budget_mb=0)
+    assert torch.equal(off.pixel_values(keys), full) and off.used == 0
+    off.pixel_values(keys)
+    assert off.decoded == 12  # every call decodes
+
+
+def test_augmentation_acts_on_the_cached_image(scene_source):
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    from vit_t5_dsi.decoded_images import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)[:4]
+    cache = DecodedImages(images, processor)
+    plain = cache.pixel_values(keys)
+    crop = RandomResizedCrop((32, 32), scale=(0.5, 0.6))
+    torch.manual_seed(0)
+    augmented = cache.pixel_values(keys, crop)
+    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+    assert torch.equal(cache.pixel_values(keys), plain)  # the cached image itself is never altered

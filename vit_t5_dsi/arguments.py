@@ -71,6 +71,9 @@ class ModelArguments:
     rq_codes_per_level: int | None = field(default=None, metadata={
         "help": "rq ids: k-means codes per level. Default: the smallest number giving at least 4 cells per image "
                 "over the levels (11 for the demo's 300 images at 3 levels), at least 2."})
+    rq_code_embeddings: bool = field(default=True, metadata={
+        "help": "rq ids: start each code token's embedding at its code's vector (GENIUS), so the decoder begins "
+                "with token similarities that are those of the image embeddings. False: random initialisation."})
     dense_first: bool = field(default=False, metadata={
         "help": "Dense-then-generative recipe: first train the dual encoder on the same data (saved as a complete "
                 "checkpoint in OUTPUT_DIR/dual_encoder, its metrics reported as dense_*), build the generative "
@@ -144,6 +147,10 @@ class DataArguments:
     skip_bad_images: bool = field(default=False, metadata={
         "help": "Leave out missing/unreadable images (logged with their keys) instead of stopping."})
     augment: bool = field(default=False, metadata={"help": "Random resized crops of training images."})
+    image_cache_mb: float = field(default=4096, metadata={
+        "help": "Decode and resize each image once and keep it as uint8 pixels, up to this many MB per DataLoader "
+                "worker (Flickr30K at 224 px needs about 4,700); later epochs only convert and augment. Images "
+                "beyond the budget are decoded every time; a changed image file is decoded again. 0 = off."})
     demo_num_images: int = field(default=300, metadata={"help": "Built-in demo: synthetic images to draw."})
     demo_max_objects: int = field(default=1, metadata={"help": "Built-in demo: objects per image (1-3)."})
     demo_dir: str = field(default="demo_data", metadata={"help": "Built-in demo: where the scenes are written."})
@@ -297,6 +304,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
             raise UsageError(f"--pseudo_query_epochs must be >= 1 (captioning trains first), got {epochs}.")
     if data_args.pseudo_query_rows_per_image is not None and data_args.pseudo_query_rows_per_image < 1:
         raise UsageError(f"--pseudo_query_rows_per_image must be >= 1, got {data_args.pseudo_query_rows_per_image}.")
+    if data_args.image_cache_mb < 0:
+        raise UsageError(f"--image_cache_mb must be >= 0 (0 = no cache), got {data_args.image_cache_mb}.")
     if data_args.num_pseudo_queries < 1:
         raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
     if training_args.retrieval_k < 1:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .decoded_images import DecodedImages
 from .dsi_splits import DSISplits
 from .image_index import ImageIndex
 from .image_processing import load_rgb
@@ -26,9 +27,16 @@ class ImageSource:
     def __init__(self, index_dataset: datasets.Dataset):
         self.dataset = index_dataset
         self.position = {key: i for i, key in enumerate(index_dataset["image_key"][:])}
+        feature = index_dataset.features.get("image")
+        # file paths (Karpathy, JSONL layouts) can change on disk; images held as bytes in the dataset cannot
+        self._paths = index_dataset["image"][:] if getattr(feature, "dtype", None) == "string" else None
 
     def load(self, key: str):
         return load_rgb(self.dataset[self.position[key]]["image"])
+
+    def path(self, key: str) -> str | None:
+        """The image's file path, or None when the dataset holds the image itself."""
+        return self._paths[self.position[key]] if self._paths is not None else None
 
     def batches(self, keys, processor, batch_size: int, desc: str | None = None):
         """Pixel tensors for `keys`, batch by batch, in order (with a progress bar when `desc` is given)."""
@@ -106,17 +114,16 @@ class DSICollator:
     the captions themselves, for caption queries)."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
-                 caption_token_id: int | None = None, pseudo_queries=None, pixel_cache_mb: float = 1024):
+                 caption_token_id: int | None = None, pseudo_queries=None, image_cache_mb: float = 4096):
         """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
         only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
         jitter are left out: they would contradict captions that name sides and colours. `pseudo_queries` (a
         `PseudoQueries`, refreshed in place during training) fills pseudo-query rows; an image without any yet
-        is indexed instead. Un-augmented pixels are kept in memory up to `pixel_cache_mb` (per DataLoader worker):
-        images are decoded and resized once, not once per epoch."""
+        is indexed instead. Images are decoded and resized once and kept as uint8 up to `image_cache_mb` (per
+        DataLoader worker; 0 decodes every time): later epochs only convert and augment (`DecodedImages`)."""
         self.index, self.images, self.processor, self.variant = index, images, processor, variant
         self.caption_token_id, self.pseudo_queries = caption_token_id, pseudo_queries
-        self._cache: dict[str, torch.Tensor] = {}
-        self._cache_budget = int(pixel_cache_mb * 2 ** 20)
+        self.decoded_images = DecodedImages(images, processor, image_cache_mb)
         self._crop = None
         if augment:
             from torchvision.transforms import RandomResizedCrop
@@ -125,18 +132,7 @@ class DSICollator:
             self._crop = RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(0.9, 1.1))
 
     def _pixels(self, keys, training: bool = False):
-        if training and self._crop is not None:
-            images = [self._crop(self.images.load(k)) for k in keys]
-            return self.processor(images=images)["pixel_values"]
-        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
-        if missing:
-            fresh = dict(zip(missing, self.processor(images=[self.images.load(k) for k in missing])["pixel_values"]))
-            for key, pixels in fresh.items():
-                if self._cache_budget >= pixels.numel() * pixels.element_size():
-                    self._cache[key] = pixels
-                    self._cache_budget -= pixels.numel() * pixels.element_size()
-            return torch.stack([self._cache[k] if k in self._cache else fresh[k] for k in keys])
-        return torch.stack([self._cache[k] for k in keys])
+        return self.decoded_images.pixel_values(keys, self._crop if training else None)
 
     def _text(self, captions):
         return dict(self.processor(text=captions))

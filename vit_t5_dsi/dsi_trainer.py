@@ -40,11 +40,13 @@ class DSITrainer(Seq2SeqTrainer):
 
     def __init__(self, model=None, args=None, *, images: ImageSource | None = None, augment: bool = False,
                  retrieval_k: int | None = None, pseudo_queries=None,
-                 caption_references: dict[str, list[str]] | None = None, reranker=None, **kwargs):
+                 caption_references: dict[str, list[str]] | None = None, reranker=None,
+                 image_cache_mb: float = 4096, **kwargs):
         """`pseudo_queries`: the `PseudoQueries` that fill pseudo-query rows (refreshed in place during training).
         `caption_references`: held-out image key -> its real captions; with a captioning model, every full
         evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images. `reranker`: a
-        `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`)."""
+        `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`).
+        `image_cache_mb`: the collator's budget for decoded images (`DecodedImages`)."""
         if model is None or getattr(model, "image_index", None) is None:
             raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
@@ -61,7 +63,8 @@ class DSITrainer(Seq2SeqTrainer):
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
                                                   model.config.variant, augment,
-                                                  getattr(model.config, "caption_token_id", None), pseudo_queries)
+                                                  getattr(model.config, "caption_token_id", None), pseudo_queries,
+                                                  image_cache_mb)
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
                                                                      min(10, self.retrieval_k)))
         super().__init__(model=model, args=args, **kwargs)

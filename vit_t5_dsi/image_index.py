@@ -72,6 +72,7 @@ class ImageIndex:
         self.added_tokens = list(added_tokens)
         self.embeddings = embeddings
         self.scheme_info = dict(scheme_info or {})  # how the ids were built (rq: codes, usage, collisions)
+        self.code_vectors: dict[int, np.ndarray] = {}  # rq, when just built: token id -> its code's vector
         self.position_of_key = {}
         for position, key in enumerate(self.keys):
             if key in self.position_of_key:
@@ -126,8 +127,12 @@ class ImageIndex:
             if wrong is not None:
                 raise ValueError(f"The tokenizer splits rq id {id_strings[wrong]!r} into {token_ids[wrong]}, not one "
                                  f"token per code {expected[wrong]}.")
-        return cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added,
-                   scheme_info=info)
+        index = cls(keys, id_strings, token_ids, scheme, tokenizer.eos_token_id, tokenizer.pad_token_id, added,
+                    scheme_info=info)
+        if scheme == "rq":
+            index.code_vectors = {tokenizer.convert_tokens_to_ids(name): vector
+                                  for name, vector in codes.code_vectors().items() if name in added}
+        return index
 
     @staticmethod
     def _tokenize(tokenizer, id_strings: Sequence[str]) -> list[list[int]]:
@@ -138,6 +143,30 @@ class ImageIndex:
         needed = self.max_token_id + 1
         if model.get_input_embeddings().num_embeddings < needed:
             model.resize_token_embeddings(needed)
+
+    @torch.no_grad()
+    def initialise_code_embeddings(self, model, seed: int = 0) -> int:
+        """Start each rq code token's embedding (tied input/output rows) at its code's vector (GENIUS), so the
+        decoder begins with tokens whose similarities are those of the image embeddings. Vectors are mapped to
+        the model's width by a fixed random orthogonal map when the widths differ, and scaled to the embeddings'
+        mean norm. Returns the number of rows set (0 when the index was not just built with rq ids)."""
+        if not self.code_vectors:
+            return 0
+        weight = model.get_input_embeddings().weight
+        rows = torch.as_tensor(list(self.code_vectors))
+        vectors = torch.as_tensor(np.stack(list(self.code_vectors.values())), dtype=torch.float32)
+        if vectors.shape[1] != weight.shape[1]:
+            generator = torch.Generator().manual_seed(seed)
+            mixing = torch.linalg.qr(torch.randn(max(vectors.shape[1], weight.shape[1]),
+                                                 min(vectors.shape[1], weight.shape[1]), generator=generator))[0]
+            vectors = vectors @ (mixing if vectors.shape[1] > weight.shape[1] else mixing.T)
+        norm = weight.norm(dim=1).mean()
+        vectors = torch.nn.functional.normalize(vectors, dim=1) * norm
+        weight[rows] = vectors.to(weight.dtype).to(weight.device)
+        output = model.get_output_embeddings()
+        if output is not None and output.weight.data_ptr() != weight.data_ptr():
+            output.weight[rows] = vectors.to(output.weight.dtype).to(output.weight.device)
+        return len(rows)
 
     # ----- lookups ---------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -31,6 +31,7 @@ class ResidualCodes:
     position: np.ndarray
     codes_per_level: list[int]
     usage: list[int] = field(default_factory=list)  # distinct codes used per level
+    centers: list[np.ndarray] = field(default_factory=list)  # per level (the extra level last): code vectors
 
     @property
     def num_levels(self) -> int:
@@ -43,6 +44,12 @@ class ResidualCodes:
         if self.position[row] >= 0:
             tokens.append(CODE_TOKEN.format(level=self.num_levels + 1, code=int(self.position[row])))
         return tokens
+
+    def code_vectors(self) -> dict[str, np.ndarray]:
+        """Token -> the vector its code stands for (a k-means centre; residual levels hold residual directions).
+        Position tokens have none."""
+        return {CODE_TOKEN.format(level=level, code=code): vector
+                for level, centers in enumerate(self.centers) for code, vector in enumerate(centers)}
 
     def summary(self) -> dict:
         """What the log and protocol.json report: levels, codes and their usage, and the collisions."""
@@ -107,23 +114,25 @@ def residual_quantize(embeddings: np.ndarray, num_levels: int = 3, codes_per_lev
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     residual = embeddings / np.where(norms > 0, norms, 1.0)
     codes = np.zeros((len(embeddings), num_levels), dtype=np.int64)
-    usage = []
+    usage, level_centers = [], []
     for level in range(num_levels):
         labels, centers = _kmeans(residual, codes_per_level, seed + level)
         codes[:, level] = labels
         usage.append(int(len(np.unique(labels))))
+        level_centers.append(centers)
         residual = residual - centers[labels]
     extra = np.full(len(embeddings), -1, dtype=np.int64)
     cells = _groups(codes)
     if cells:  # one more level, fitted on the residuals of the images that need it
         colliding = np.concatenate(cells)
         _, centers = _kmeans(residual[colliding], codes_per_level, seed + num_levels)
+        level_centers.append(centers)
         for members in cells:
             extra[members] = _distinct_nearest(residual[members], centers)
     position = np.full(len(embeddings), -1, dtype=np.int64)
     for members in _groups(np.concatenate([codes, extra[:, None]], axis=1)):
         position[members] = np.arange(len(members))
-    return ResidualCodes(codes, extra, position, [codes_per_level] * num_levels, usage)
+    return ResidualCodes(codes, extra, position, [codes_per_level] * num_levels, usage, level_centers)
 
 
 __all__ = ["ResidualCodes", "residual_quantize", "CODE_TOKEN"]
