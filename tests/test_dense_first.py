@@ -153,3 +153,56 @@ def test_rq_ids_from_a_npy_file(tmp_path):
     with pytest.raises(run_dsi_image.UsageError, match=r"shape \(39, 8\) for 40 indexed images"):
         run_dsi_image.main(tiny_args(tmp_path, "--max_steps", "2", "--docid_scheme", "rq", "--semantic_embeddings",
                                      str(tmp_path / "bad.npy"), "--overwrite_output_dir", "True"))
+
+
+def test_the_demo_uses_rq_ids_from_a_dense_first_model_unless_told_otherwise():
+    from vit_t5_dsi.arguments import DEMO_IDS, DataArguments, ModelArguments, resolve_demo_defaults
+
+    model_args = ModelArguments()
+    resolve_demo_defaults(model_args, DataArguments())
+    assert {name: getattr(model_args, name) for name in DEMO_IDS} == DEMO_IDS
+    for chosen in (ModelArguments(docid_scheme="semantic"), ModelArguments(semantic_embeddings="e.npy"),
+                   ModelArguments(rerank_with="ckpt")):  # any choice about ids opts out of the whole recipe
+        resolve_demo_defaults(chosen, DataArguments())
+        assert not chosen.dense_first
+    user = ModelArguments()
+    resolve_demo_defaults(user, DataArguments(karpathy_json="data.json", image_dir="."))
+    assert user.docid_scheme == "semantic" and not user.dense_first and user.rerank_with is None
+    dense = ModelArguments(variant="dual_encoder")
+    resolve_demo_defaults(dense, DataArguments())
+    assert not dense.dense_first and dense.rerank_with is None
+
+
+@pytest.mark.slow
+def test_recipe_under_two_processes_matches_one_process(recipe_run, tmp_path):
+    """The whole recipe trains under DDP; evaluating its checkpoint with re-ranking on two processes (padded last
+    batches, query texts travelling with the batches) gives exactly the one-process figures."""
+    import os
+    import sys
+
+    from test_run_dsi_image import ROOT, run_script
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(ROOT, "run_dsi_image.py")]
+    trained = run_script(tiny_args(tmp_path / "train", *RECIPE, "--use_cpu", "True", "--max_steps", "3"),
+                         launcher=launcher, env={"MASTER_PORT": "29547"})
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    results = json.loads((tmp_path / "train" / "out" / "all_results.json").read_text())
+    assert results["world_size"] == 2 and "eval_rerank_hits@1" in results and "dense_eval_hits@1" in results
+
+    source, _ = recipe_run
+    checkpoint = str(source / "out")
+    evaluate = ["--model_name_or_path", checkpoint, "--do_train", "False", "--demo_dir", str(source / "data"),
+                "--demo_num_images", "40", "--per_device_eval_batch_size", "5", "--disable_tqdm", "True",
+                "--rerank_with", str(source / "out" / "dual_encoder"), "--use_cpu", "True"]
+    single = run_script(evaluate + ["--output_dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-4000:]
+    double = run_script(evaluate + ["--output_dir", str(tmp_path / "two")], launcher=launcher,
+                        env={"MASTER_PORT": "29548"})
+    assert double.returncode == 0, double.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "all_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    assert two["world_size"] == 2 and one["eval_num_queries"] == two["eval_num_queries"] == 24
+    for key in ("eval_hits@1", "eval_rerank_hits@1", "eval_rerank_mrr@10", "seen_rerank_hits@5"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key

@@ -437,3 +437,27 @@ def test_compute_ranking_metrics_reports_reranked_positions_under_their_own_keys
     assert metrics["rerank_hits@1"] == pytest.approx(1 / 3) and metrics["rerank_hits@2"] == pytest.approx(2 / 3)
     assert metrics["mrr@2"] == pytest.approx((0.5 + 1) / 3)
     assert metrics["rerank_mrr@2"] == pytest.approx((1 + 0.5) / 3)
+
+
+@pytest.mark.parametrize("dim", [64, 16, 100])  # the model's width (64), narrower and wider embeddings
+def test_rq_code_tokens_start_at_their_codes_vectors(fresh_tokenizer, dim):
+    embeddings = np.random.default_rng(1).normal(size=(40, dim))
+    index = ImageIndex.build(KEYS, fresh_tokenizer, "rq", embeddings, rq_num_levels=2, rq_codes_per_level=4)
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer)))
+    index.resize_model_embeddings(model)
+    weight = model.get_input_embeddings().weight
+    norm = weight.norm(dim=1).mean().item()
+    assert index.initialise_code_embeddings(model) == len(index.code_vectors) >= 8
+    rows = list(index.code_vectors)
+    vectors = np.stack([index.code_vectors[row] for row in rows])
+    got = weight[rows].detach().numpy()
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), norm, rtol=1e-4)
+    # the similarities between code tokens are those between the codes' vectors (an orthogonal map keeps them
+    # when the widths differ, unless it has to drop dimensions)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = (got / np.linalg.norm(got, axis=1, keepdims=True))
+    if dim <= 64:
+        np.testing.assert_allclose(cosine @ cosine.T, unit @ unit.T, atol=1e-4)
+    assert torch.equal(model.get_output_embeddings().weight[rows], weight[rows])  # tied: the output rows too
+    loaded = ImageIndex.from_dict(index.to_dict())
+    assert loaded.initialise_code_embeddings(model) == 0  # a loaded index never re-initialises trained rows

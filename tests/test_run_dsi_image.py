@@ -17,7 +17,9 @@ METRIC_KEYS = [f"{p}_{m}" for p in ("eval", "seen", "index") for m in ("hits@1",
 
 
 def tiny_args(tmp_path, *extra, images=40, epochs=1):
-    return ["--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
+    """A tiny run on the built-in demo collection. Semantic ids unless `extra` says otherwise (the demo's own
+    default, rq ids from a dual encoder trained first, would train two models in every test)."""
+    return ["--docid_scheme", "semantic", "--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
             "--demo_num_images", str(images), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
             "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True", "--save_strategy", "no",
             "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
