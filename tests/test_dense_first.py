@@ -206,3 +206,18 @@ def test_recipe_under_two_processes_matches_one_process(recipe_run, tmp_path):
     assert two["world_size"] == 2 and one["eval_num_queries"] == two["eval_num_queries"] == 24
     for key in ("eval_hits@1", "eval_rerank_hits@1", "eval_rerank_mrr@10", "seen_rerank_hits@5"):
         assert two[key] == pytest.approx(one[key], abs=1e-9), key
+
+
+def test_retrieve_images_cli_reranks(recipe_run, capsys):
+    import retrieve_images
+
+    source, _ = recipe_run
+    out = source / "out"
+    assert retrieve_images.main(["--model", str(out), "--k", "3", "--device", "cpu", "--json", "--rerank_with",
+                                 str(out / "dual_encoder"), "a red circle"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = set(json.loads((out / "image_index.json").read_text())["keys"])
+    assert result["query"] == "a red circle" and 1 <= len(result["results"]) <= 3
+    assert {hit["image"] for hit in result["results"]} <= keys
+    with pytest.raises(SystemExit):  # a generative checkpoint cannot re-rank
+        retrieve_images.main(["--model", str(out), "--device", "cpu", "--rerank_with", str(out), "a red circle"])
