@@ -290,6 +290,9 @@ def train_dense_first(model_args, data_args, training_args, collection, splits) 
         if training_args.process_index == 0:  # finished: its checkpoints only resumed it (and would be pushed)
             for checkpoint in glob.glob(os.path.join(directory, "checkpoint-*")):
                 shutil.rmtree(checkpoint)
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()  # every process reads the finished dual encoder from here on
     return directory, {f"dense_{key}": value for key, value in metrics.items()
                        if key.split("_", 1)[0] in ("eval", "seen", "index", "train")}
 

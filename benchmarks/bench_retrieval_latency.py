@@ -8,7 +8,7 @@ latency of:
               N-id trie of rq ids (the recommended scheme; `--scheme` picks another);
   dense:      encode the query (T5 encoder, pooled, projected), then a brute-force matmul over N x d image
               embeddings and a top-10;
-  faiss:      the same embeddings in a faiss flat (exact) and an IVF index (nlist = 4 sqrt(N), nprobe 8), when
+  faiss:      the same embeddings in a faiss flat (exact) and an IVF index (nlist = sqrt(N), nprobe 8), when
               faiss-cpu is installed (`pip install faiss-cpu`).
 at `tiny` widths and at T5-base widths with T5's 32K vocabulary (random weights: speed does not depend on them).
 Index memory: the trie's tables against the N x d float32 matrix. Prints one table, the N (if any) from which the
@@ -62,7 +62,7 @@ def faiss_indexes(embeddings: np.ndarray):
         return {}
     flat = faiss.IndexFlatIP(embeddings.shape[1])
     flat.add(embeddings)
-    nlist = max(1, int(4 * np.sqrt(len(embeddings))))
+    nlist = max(1, int(np.sqrt(len(embeddings))))
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(embeddings.shape[1]), embeddings.shape[1], nlist,
                              faiss.METRIC_INNER_PRODUCT)
     ivf.train(embeddings[np.random.default_rng(0).choice(len(embeddings), min(len(embeddings), 50 * nlist),
