@@ -13,15 +13,14 @@ A usage error (bad data, a bad flag combination) prints one line and exits with 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import shutil
 import sys
 
 import numpy as np
 import transformers
+from accelerate import PartialState
 from transformers import AutoTokenizer, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_model, model_class_for_variant
@@ -31,7 +30,7 @@ from vit_t5_dsi.atomic_io import atomic_write_text
 from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
 from vit_t5_dsi.collection import check_images
 from vit_t5_dsi.collection_from_flags import collection_for
-from vit_t5_dsi.dense_first import DENSE_FIRST_DIR, dense_stage_arguments, finished_dense_model, last_checkpoint
+from vit_t5_dsi.dense_first import dense_stage_arguments, finished_dense_model, remove_checkpoints
 from vit_t5_dsi.dense_reranking import DenseReranker
 from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
 from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
@@ -54,8 +53,6 @@ def new_tokenizer(model_args: ModelArguments, captions: list[str]):
         tokenizer = AutoTokenizer.from_pretrained(model_args.text_model_name_or_path)
     else:
         serialized = None
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
             logger.info("Training a %d-token caption tokenizer on %d captions (no pretrained T5 given).",
                         model_args.tokenizer_vocab_size, len(captions))
@@ -119,10 +116,12 @@ def id_embeddings(model_args: ModelArguments, model, keys, images: ImageSource, 
         encoder = load_dsi_model(source)
         if encoder.config.variant != "dual_encoder":
             raise UsageError(f"{flag}: expected a .npy file or a dual_encoder checkpoint.")
-        saved = encoder.image_index
-        if saved is not None and saved.embeddings is not None and set(keys) <= set(saved.position_of_key):
+        try:
+            embeddings = encoder.image_index.embeddings_for(keys).float().numpy()
             logger.info("Id embeddings: the image embeddings saved with %s.", source)
-            return saved.embeddings[[saved.position_of_key[key] for key in keys]].float().numpy()
+            return embeddings
+        except (AttributeError, ValueError):  # no saved index or embeddings, or not for all of these images
+            pass
         encoder_processor = ViTT5DSIProcessor.from_pretrained(source)  # its own image size and normalisation
     encoder.to(training_args.device)
     return embed_images(encoder, keys, images, encoder_processor, training_args.per_device_eval_batch_size,
@@ -287,11 +286,8 @@ def train_dense_first(model_args, data_args, training_args, collection, splits) 
         metrics = train_and_evaluate(d_model_args, d_data_args, d_training_args, collection, splits,
                                      d_training_args.resume_from_checkpoint)
         finish_tracking_run(training_args)
-        if training_args.process_index == 0:  # finished: its checkpoints only resumed it (and would be pushed)
-            for checkpoint in glob.glob(os.path.join(directory, "checkpoint-*")):
-                shutil.rmtree(checkpoint)
-    from accelerate import PartialState
-
+        if training_args.process_index == 0:
+            remove_checkpoints(directory)
     PartialState().wait_for_everyone()  # every process reads the finished dual encoder from here on
     return directory, {f"dense_{key}": value for key, value in metrics.items()
                        if key.split("_", 1)[0] in ("eval", "seen", "index", "train")}

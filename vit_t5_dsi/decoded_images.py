@@ -47,10 +47,12 @@ class DecodedImages:
         self._verified = False
         self.decoded = 0  # images decoded so far (a hit decodes nothing)
 
+    def _load(self, keys) -> list:
+        self.decoded += len(keys)
+        return [to_rgb(self.images.load(key)) for key in keys]
+
     def _decode(self, keys) -> list[torch.Tensor]:
-        pil = [to_rgb(self.images.load(key)) for key in keys]
-        self.decoded += len(pil)
-        return list(self.processor.image_processor(images=pil, do_rescale=False, do_normalize=False,
+        return list(self.processor.image_processor(images=self._load(keys), do_rescale=False, do_normalize=False,
                                                    return_tensors="pt")["pixel_values"])
 
     def _verify(self, key: str) -> None:
@@ -60,7 +62,7 @@ class DecodedImages:
             return
         resized = self._decode([key])[0]
         exact = resized.dtype == torch.uint8 and torch.equal(
-            self._convert([resized]), self.processor(images=[to_rgb(self.images.load(key))])["pixel_values"])
+            self._convert([resized]), self.processor(images=self._load([key]))["pixel_values"])
         if not exact:
             self.enabled = False
             logger.info("Decoded images are not cached: this image processor's resize output is not uint8 pixels "
@@ -103,8 +105,7 @@ class DecodedImages:
         if not self._verified and keys:
             self._verify(keys[0])
         if not self.enabled:
-            pil = [to_rgb(self.images.load(key)) for key in keys]
-            self.decoded += len(pil)
+            pil = self._load(keys)
             if transform is not None:
                 pil = [transform(image) for image in pil]
             return self.processor(images=pil)["pixel_values"]

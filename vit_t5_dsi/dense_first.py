@@ -9,7 +9,9 @@ can be loaded, evaluated and pushed like any other; this module decides its argu
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import shutil
 
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -44,4 +46,11 @@ def last_checkpoint(directory: str) -> str | None:
     return get_last_checkpoint(directory) if os.path.isdir(directory) else None
 
 
-__all__ = ["DENSE_FIRST_DIR", "dense_stage_arguments", "finished_dense_model", "last_checkpoint"]
+def remove_checkpoints(directory: str) -> None:
+    """A finished dense stage's `checkpoint-N` folders only resumed it (and would be pushed with the model)."""
+    for checkpoint in glob.glob(os.path.join(directory, "checkpoint-*")):
+        shutil.rmtree(checkpoint)
+
+
+__all__ = ["DENSE_FIRST_DIR", "dense_stage_arguments", "finished_dense_model", "last_checkpoint",
+           "remove_checkpoints"]

@@ -51,14 +51,10 @@ class DenseReranker:
         """The dual encoder's image embeddings in `index`'s order; every image of `index` must have one."""
         if self._aligned is not None and self._aligned[0] == id(index):
             return self._aligned[1]
-        own = self.model.image_index
-        missing = [key for key in index.keys if key not in own.position_of_key]
-        if missing:
-            raise ValueError(f"The re-ranking dual encoder has no embedding for {len(missing)} of the "
-                             f"{len(index)} indexed images (e.g. {missing[:3]}): it was trained on another "
-                             "collection.")
-        rows = torch.as_tensor([own.position_of_key[key] for key in index.keys])
-        aligned = own.embeddings[rows].float().to(self.model.device)
+        try:
+            aligned = self.model.image_index.embeddings_for(index.keys).float().to(self.model.device)
+        except ValueError as err:
+            raise ValueError(f"The re-ranking dual encoder has {err}: it was trained on another collection.") from err
         self._aligned = (id(index), aligned)
         return aligned
 

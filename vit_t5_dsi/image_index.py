@@ -202,6 +202,16 @@ class ImageIndex:
             return -1
         return self.position_of_tokens.get(tuple(tokens[:end]), -1)
 
+    def embeddings_for(self, keys: Sequence[str]) -> torch.Tensor:
+        """This index's embeddings in the order of `keys` (another index's images); a ValueError names the keys
+        it has no embedding for."""
+        if self.embeddings is None:
+            raise ValueError(f"This image index has no embeddings ({EMBEDDINGS_FILE_NAME}).")
+        missing = [key for key in keys if key not in self.position_of_key]
+        if missing:
+            raise ValueError(f"no embedding for {len(missing)} of the {len(keys)} indexed images (e.g. {missing[:3]})")
+        return self.embeddings[torch.as_tensor([self.position_of_key[key] for key in keys], dtype=torch.long)]
+
     def identifier_only_token_ids(self, caption_token_ids) -> list[int]:
         """Tokens that identifiers use and no caption does (`caption_token_ids`: the tokenized training captions):
         what a caption must never contain, so the caption decoder cannot write an identifier."""

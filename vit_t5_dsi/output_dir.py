@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 
+from .dense_first import DENSE_FIRST_DIR
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "dense_results.json", "protocol.json",
                "trainer_state.json",
                "pseudo_queries.jsonl")
-RUN_SUBDIRS = ("dual_encoder",)  # --dense_first's dual encoder: a new run trains its own
+RUN_SUBDIRS = (DENSE_FIRST_DIR,)  # --dense_first's dual encoder: a new run trains its own
 MODEL_STATE = ("image_index.json", "image_embeddings.safetensors", "model.safetensors", "model.safetensors.index.json",
                "config.json", "generation_config.json")
 
