@@ -320,6 +320,7 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
 
     images = ImageSource(splits.index)
     index = image_index_for(model_args, model, processor, splits, images, resume_dir, training_args, dense_dir)
+    index.record_image_paths([images.path(key) for key in index.keys])  # where the pipeline and app find them
     index.check_tokenizer(processor.tokenizer)
     check_identical_on_every_process(index.to_dict(), "image index")
     index.resize_model_embeddings(model)

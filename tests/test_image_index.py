@@ -200,6 +200,35 @@ def test_index_with_tokens_the_tokenizer_lacks_fails_clearly(tmp_path, fresh_tok
         ViTT5DSIForConditionalGeneration.from_pretrained(tmp_path)
 
 
+def test_image_paths_round_trip_and_follow_a_moved_collection(tmp_path, tokenizer):
+    index = build(tokenizer, "naive")
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    paths = [tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{key}.png" for i, key in enumerate(index.keys)]
+    for path in paths[:-1]:
+        path.write_bytes(b"png")
+    index.record_image_paths([str(p) for p in paths[:-2]] + [None, str(paths[-1])])
+    index.save(tmp_path / "ckpt")
+    loaded = ImageIndex.load(tmp_path / "ckpt")
+    assert loaded.image_root == str(tmp_path / "imgs") and loaded.image_files[1] == f"sub/{index.keys[1]}.png"
+    assert loaded.image_path(0) == str(paths[0]) and loaded.image_path(1) == str(paths[1])
+    assert loaded.image_path(len(index) - 2) is None  # recorded as unknown
+    assert loaded.image_path(len(index) - 1) is None  # recorded, but the file is not here
+    moved = tmp_path / "moved"
+    (tmp_path / "imgs").rename(moved)
+    assert loaded.image_path(0) is None and loaded.image_path(1, moved) == str(moved / "sub" / f"{index.keys[1]}.png")
+    index.record_image_paths([None] * len(index))  # images held as bytes: nothing recorded
+    assert index.image_files is None and "image_files" not in index.to_dict()
+    with pytest.raises(ValueError, match="image paths for the"):
+        index.record_image_paths(["a.png"])
+
+
+def test_an_index_with_broken_image_files_is_named(tmp_path, tokenizer):
+    data = build(tokenizer, "naive").to_dict()
+    (tmp_path / "image_index.json").write_text(json.dumps({**data, "image_files": ["a.png"], "image_root": "/x"}))
+    with pytest.raises(ValueError, match="image_index.json: image_files must list one path per image"):
+        ImageIndex.load(tmp_path)
+
+
 def test_index_file_missing_fields_named(tmp_path):
     (tmp_path / "image_index.json").write_text(json.dumps({"keys": ["a"]}))
     with pytest.raises(ValueError, match="missing the field"):

@@ -73,6 +73,9 @@ class ImageIndex:
         self.embeddings = embeddings
         self.scheme_info = dict(scheme_info or {})  # how the ids were built (rq: codes, usage, collisions)
         self.code_vectors: dict[int, np.ndarray] = {}  # rq, when just built: token id -> its code's vector
+        # where each image's file was when the collection was indexed (see `record_image_paths`)
+        self.image_root: str | None = None
+        self.image_files: list[str | None] | None = None
         self.position_of_key = {}
         for position, key in enumerate(self.keys):
             if key in self.position_of_key:
@@ -223,6 +226,28 @@ class ImageIndex:
     def trie(self) -> IdTrie:
         return IdTrie(self.token_ids, self.eos_token_id, self.pad_token_id)
 
+    # ----- image files -----------------------------------------------------------------------------
+    def record_image_paths(self, paths: Sequence[str | None]) -> None:
+        """Remember each image's file (one entry per key, None for an image held as bytes), as a root directory
+        plus paths relative to it, so `image_path(..., image_dir=NEW_ROOT)` finds a moved collection."""
+        if len(paths) != len(self):
+            raise ValueError(f"{len(paths)} image paths for the {len(self)} images of the index.")
+        present = [os.path.abspath(p) for p in paths if p]
+        if not present:
+            self.image_root, self.image_files = None, None
+            return
+        root = os.path.commonpath([os.path.dirname(p) for p in present])
+        self.image_root = root
+        self.image_files = [os.path.relpath(os.path.abspath(p), root) if p else None for p in paths]
+
+    def image_path(self, position: int, image_dir: str | os.PathLike | None = None) -> str | None:
+        """The file of the image at `position` (under `image_dir` instead of the recorded root, when given), or
+        None when the index records none or it does not exist on this machine."""
+        if self.image_files is None or self.image_files[position] is None:
+            return None
+        path = os.path.join(os.fspath(image_dir) if image_dir else self.image_root, self.image_files[position])
+        return path if os.path.isfile(path) else None
+
     def logits_processor(self) -> TrieConstrainedLogitsProcessor:
         return TrieConstrainedLogitsProcessor(self.trie)
 
@@ -234,7 +259,8 @@ class ImageIndex:
         """The identifiers as JSON-able data (embeddings travel separately, as tensors)."""
         return {"scheme": self.scheme, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "added_tokens": self.added_tokens, "scheme_info": self.scheme_info, "keys": self.keys,
-                "id_strings": self.id_strings, "token_ids": self.token_ids}
+                "id_strings": self.id_strings, "token_ids": self.token_ids,
+                **({"image_root": self.image_root, "image_files": self.image_files} if self.image_files else {})}
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write `image_index.json` (and `image_embeddings.safetensors` when there are embeddings) atomically:
@@ -255,13 +281,19 @@ class ImageIndex:
     def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
                   ) -> "ImageIndex":
         try:
-            return cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
-                       data["pad_token_id"], data.get("added_tokens", []), embeddings,
-                       data.get("scheme_info"))
+            index = cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
+                        data["pad_token_id"], data.get("added_tokens", []), embeddings,
+                        data.get("scheme_info"))
         except KeyError as err:
             raise ValueError(f"{source}: image index is missing the field {err.args[0]!r}.") from err
         except TypeError as err:
             raise ValueError(f"{source}: not an image index ({err}).") from err
+        files = data.get("image_files")
+        if files is not None:
+            if not isinstance(files, list) or len(files) != len(index) or not isinstance(data.get("image_root"), str):
+                raise ValueError(f"{source}: image_files must list one path per image, with image_root.")
+            index.image_root, index.image_files = data["image_root"], files
+        return index
 
     @classmethod
     def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None) -> "ImageIndex":
