@@ -1,10 +1,12 @@
 """vit-t5-dsi: generative text-to-image retrieval (a Differentiable Search Index over images)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_vit_t5_dsi import ViTT5DSIConfig
 from .image_index import ImageIndex
 from .processing_vit_t5_dsi import ViTT5DSIProcessor
+from .pipeline_text_to_image_retrieval import TASK as RETRIEVAL_TASK, TextToImageRetrievalPipeline
 from .retriever import DSIRetriever
 from .modeling_vit_t5_dsi import (
     ViTT5DSIDualEncoderModel,
@@ -19,7 +21,12 @@ AutoConfig.register(ViTT5DSIConfig.model_type, ViTT5DSIConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(ViTT5DSIConfig, ViTT5DSIForConditionalGeneration, exist_ok=True)
 AutoModel.register(ViTT5DSIConfig, ViTT5DSIDualEncoderModel, exist_ok=True)
 AutoProcessor.register(ViTT5DSIConfig, ViTT5DSIProcessor, exist_ok=True)
+# `pipeline("text-to-image-retrieval", model=loaded_model, processor=processor)` in-process; a checkpoint path also
+# works without this package, through the copy of the pipeline file it carries (trust_remote_code=True)
+PIPELINE_REGISTRY.register_pipeline(RETRIEVAL_TASK, pipeline_class=TextToImageRetrievalPipeline,
+                                    pt_model=(AutoModelForSeq2SeqLM, AutoModel), type="multimodal")
 
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
-           "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever", "load_dsi_model", "model_class_for_variant"]
+           "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever", "TextToImageRetrievalPipeline", "RETRIEVAL_TASK",
+           "load_dsi_model", "model_class_for_variant"]

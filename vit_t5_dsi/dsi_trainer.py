@@ -230,7 +230,9 @@ class DSITrainer(Seq2SeqTrainer):
                          f"({summary['per_image_min']}-{summary['per_image_max']} per image) from {summary['source']}")
         name = model_name or os.path.basename(os.path.abspath(args.output_dir))
         tags = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
-        text = render_model_card(model, metrics, name, args.hub_model_id or args.output_dir,
+        # the repo the card is pushed to (Trainer resolves "name" to "user/name"), else the directory it lies in
+        where = getattr(self, "hub_model_id", None) or args.hub_model_id or args.output_dir
+        text = render_model_card(model, metrics, name, where,
                                  dataset or f"a collection of {len(model.image_index)} images", training,
                                  tags[0] if tags else None)
         os.makedirs(args.output_dir, exist_ok=True)

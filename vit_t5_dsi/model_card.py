@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from importlib import resources
 
+from .pipeline_text_to_image_retrieval import TASK, custom_pipeline_entry
+
+# The Hub's task for "text query -> ranked images" (its only text-to-image *retrieval* category; `text-to-image`
+# files a model under image generation). The custom task name goes in the tags and the card.
+HUB_PIPELINE_TAG = "visual-document-retrieval"
+
 VARIANT_DESCRIPTIONS = {
     "cross_attention": "a ViT encodes the image and a T5 decoder cross-attends to it to write the image's "
                        "identifier (image-grounded decoder); captions go through T5's encoder to the same decoder.",
@@ -48,7 +54,9 @@ def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or
         vision_description=vision_description, d_model=config.text_config.d_model,
         text_layers=config.text_config.num_layers, data_description=data_description,
         training_description=training_description, metrics_table=metrics_table(metrics),
-        repo_or_path=repo_or_path, dataset_tag=f"datasets:\n- {dataset_name}\n" if dataset_name else "")
+        repo_or_path=repo_or_path, task=TASK, pipeline_tag=HUB_PIPELINE_TAG,
+        auto_class=custom_pipeline_entry(config.variant)[TASK]["pt"][0],
+        dataset_tag=f"datasets:\n- {dataset_name}\n" if dataset_name else "")
 
 
-__all__ = ["render_model_card", "metrics_table"]
+__all__ = ["render_model_card", "metrics_table", "HUB_PIPELINE_TAG"]

@@ -31,6 +31,8 @@ from transformers.utils import ModelOutput
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
 from .optional_imports import optional_import
+# imported here so that save_pretrained copies the pipeline file with the model code (relative imports travel)
+from .pipeline_text_to_image_retrieval import custom_pipeline_entry
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +142,15 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
         return cls(config, vision_model=vision, text_model=text)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
-        """Weights, config and code (transformers), plus what the model searches over: the image index and, for
-        the dual encoder, the indexed images' embeddings. With `push_to_hub=True` all of it is uploaded."""
+        """Weights, config and code (transformers; the `text-to-image-retrieval` pipeline included), plus what the
+        model searches over: the image index and, for the dual encoder, the indexed images' embeddings. With
+        `push_to_hub=True` all of it is uploaded."""
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
                if key in kwargs}
         os.makedirs(save_directory, exist_ok=True)
         timestamps = self._get_files_timestamps(save_directory) if push_to_hub else {}
+        # `pipeline("text-to-image-retrieval", model=save_directory, trust_remote_code=True)` finds its code here
+        self.config.custom_pipelines = custom_pipeline_entry(self.config.variant)
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return
