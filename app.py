@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""A Gradio web demo over a trained checkpoint: type a caption (or upload an image), see the top-k images.
+
+    pip install -e ".[app]"
+    python app.py                                   # the built-in demo's checkpoint (dsi_demo_output)
+    python app.py --model CKPT_OR_HUB_ID --image_dir DIR_OF_THE_IMAGES --port 7860
+
+It runs the checkpoint's `text-to-image-retrieval` pipeline (the same one `transformers.pipeline` loads) and shows
+the model card's metrics beside the results. Images are served from the paths recorded with the index, or from
+`--image_dir` when the collection lives elsewhere (a checkpoint from the Hub, a moved folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from vit_t5_dsi import RETRIEVAL_TASK, ViTT5DSIProcessor, load_dsi_model
+from vit_t5_dsi.image_index import checkpoint_file
+
+DEFAULT_MODEL = "dsi_demo_output"
+EXAMPLE_QUERY = "a large red circle in the top left"
+CAPTION_SEPARATOR = " · "  # gallery captions: "image_key · score"
+
+
+def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir: str | None = None):
+    """The checkpoint's `text-to-image-retrieval` pipeline, built from this package's classes (no remote code)."""
+    from transformers import pipeline
+
+    model = load_dsi_model(name_or_path)
+    if model.image_index is None:
+        raise ValueError(f"{name_or_path}: this checkpoint has no image index (image_index.json), so there is "
+                         "nothing to search; train it with run_dsi_image.py first.")
+    processor = ViTT5DSIProcessor.from_pretrained(name_or_path)
+    return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir,
+                    device=device or ("cuda" if _cuda() else "cpu"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def card_metrics(name_or_path: str) -> str:
+    """The metrics table of the checkpoint's model card (README.md), as Markdown."""
+    path = checkpoint_file(name_or_path, "README.md")
+    if path is None:
+        return "_This checkpoint has no model card (README.md), so no metrics to show._"
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Results"), None)
+    if start is None:
+        return "_The model card has no Results section._"
+    table = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table or line.startswith("#"):
+            break
+    return "\n".join(["### Measured on its collection", *table]) if table else "_The model card has no metrics._"
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words the caption tokenizer has no single token for: the model never read them as words."""
+    vocabulary = tokenizer.get_vocab()
+    words = [word for word in text.lower().split() if word.isalpha()]
+    return [word for word in words if word not in vocabulary]
+
+
+class SearchPage:
+    """What the page does with a query: results for the gallery and a message (never a stack trace)."""
+
+    def __init__(self, search, image_dir: str | None = None):
+        self.search, self.image_dir = search, image_dir
+        self.num_images = len(search.image_index)
+        self.has_files = search.image_index.image_files is not None
+
+    def __call__(self, text: str | None, image, top_k: float):
+        started = time.perf_counter()
+        top_k = max(1, min(int(top_k or 1), self.num_images))
+        text = (text or "").strip()
+        if not text and image is None:
+            return [], "Type a caption, or upload an image, then press **Search**."
+        notes = []
+        if text:
+            query = text
+            unknown = unknown_words(self.search.tokenizer, text)
+            if unknown:
+                notes.append(f"Not in the model's caption vocabulary: **{', '.join(unknown)}**. The model has "
+                             "never read these words, so the results may not match them.")
+            if image is not None:
+                notes.append("Searching by the text; clear it to search by the uploaded image.")
+        else:
+            query = image
+        try:
+            hits = self.search(query, top_k=top_k)
+        except (ValueError, TypeError) as err:
+            return [], f"Could not search: {err}"
+        gallery = [(hit["path"], f"{hit['image_key']}{CAPTION_SEPARATOR}{hit['score']:.3f}") for hit in hits if hit["path"]]
+        missing = [hit for hit in hits if not hit["path"]]
+        if missing:
+            where = (f"--image_dir {self.image_dir}" if self.image_dir else
+                     "the paths recorded with the index" if self.has_files else "this checkpoint (it records none)")
+            listing = ", ".join(f"`{hit['image_key']}` ({hit['score']:.3f})" for hit in missing)
+            notes.append(f"{len(missing)} of the {len(hits)} results have no image file in {where}: {listing}. "
+                         "Start the app with `--image_dir` set to the folder holding the collection's images.")
+        kind = "text" if isinstance(query, str) else "image"
+        summary = (f"Top {len(hits)} of {self.num_images} indexed images for the {kind} query "
+                   f"({time.perf_counter() - started:.2f} s).")
+        return gallery, "\n\n".join([summary, *notes])
+
+
+def build_app(search, metrics_markdown: str, model_name: str, image_dir: str | None = None):
+    import gradio as gr
+
+    page = SearchPage(search, image_dir)
+    default_k = min(5, page.num_images)
+    with gr.Blocks(title=f"vit-t5-dsi: {model_name}") as app:
+        gr.Markdown(f"# Text-to-image retrieval with `{model_name}`\n"
+                    f"A generative index over **{page.num_images} images** "
+                    f"(`{search.model.config.variant}` variant): the model writes the identifiers of the "
+                    "images that match your caption.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                text = gr.Textbox(label="Caption", placeholder=EXAMPLE_QUERY, elem_id="query")
+                with gr.Row():
+                    image = gr.Image(label="...or search by an image (optional)", type="pil", height=160,
+                                     elem_id="query-image")
+                    top_k = gr.Slider(1, min(50, page.num_images), value=default_k, step=1, label="top-k",
+                                      elem_id="top-k")
+                button = gr.Button("Search", variant="primary", elem_id="search")
+                message = gr.Markdown(elem_id="message")
+                gallery = gr.Gallery(label="Results", columns=5, height="auto", elem_id="results")
+            with gr.Column(scale=2):
+                gr.Markdown(metrics_markdown, elem_id="metrics")
+        inputs, outputs = [text, image, top_k], [gallery, message]
+        button.click(page, inputs, outputs, api_name="search")
+        text.submit(page, inputs, outputs, api_name=False)
+    return app
+
+
+def allowed_roots(search, image_dir: str | None) -> list[str]:
+    """The folders the web server may serve files from: the collection's images, nothing else."""
+    roots = [image_dir] if image_dir else []
+    if search.image_index.image_root:
+        roots.append(search.image_index.image_root)
+    return [os.path.abspath(root) for root in roots]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"Checkpoint directory or Hub id written by run_dsi_image.py (default: {DEFAULT_MODEL}, "
+                             "the built-in demo's output).")
+    parser.add_argument("--image_dir", default=None,
+                        help="Folder holding the collection's images, when they are not where they were indexed.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 for every interface).")
+    parser.add_argument("--port", type=int, default=7860, help="Port to serve on.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+    parser.add_argument("--share", action="store_true", help="Also open a public Gradio share link.")
+    args = parser.parse_args(argv)
+    if args.image_dir and not os.path.isdir(args.image_dir):
+        parser.error(f"--image_dir {args.image_dir}: no such directory.")
+    if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
+        parser.error(f"--model: no {DEFAULT_MODEL}/ here; train the demo first (accelerate launch run_dsi_image.py) "
+                     "or pass --model CKPT.")
+    try:
+        search = load_search_pipeline(args.model, args.device, args.image_dir)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model {args.model}: {err}")
+    app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
+    app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(
+        search, args.image_dir), show_error=True, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
