@@ -22,11 +22,13 @@ class IdTrie:
     Nodes are integers: the root is 0 and every eos edge leads to one shared leaf (1). Edges are stored sorted by
     `parent * stride + token`, which also sorts them by parent, so `edge_start[n]:edge_start[n + 1]` are node n's
     outgoing edges (CSR layout). Nodes with at most `MAX_NARROW` children also get a row in a padded child table
-    (`child_tokens`, `child_nodes`), so the common step is one gather; wider nodes (the root of atomic ids) use CSR.
+    (`tables`: a small one for the many nodes with few children, a mid one for the rest), so the common step is one
+    gather; wider nodes (the root of atomic ids) use CSR.
     """
 
     ROOT, LEAF = 0, 1
     MAX_NARROW = 32
+    SMALL, MID, WIDE = 0, 1, 2  # which table answers for a node
 
     def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int):
         if len(sequences) == 0:
@@ -72,46 +74,90 @@ class IdTrie:
         self._build_child_table()
 
     def _build_child_table(self) -> None:
-        """Padded (num_nodes + 1, width) tables of children; the last row stands for dead beams (node -1 indexes
-        it directly). Short rows repeat their first child token (harmless in a scatter) with child node 0: the
-        root is nobody's child, so 0 reads as "no such child". Leaf and dead rows hold pad and eos only."""
-        counts = self.edge_start[1:] - self.edge_start[:-1]
+        """Padded child tables, in two widths. Short rows repeat their first child token (harmless in a scatter)
+        with child node 0: the root is nobody's child, so 0 reads as "no such child". Leaf and dead rows hold pad
+        and eos only; the dead row (node -1) is the small table's last row.
+
+        One table as wide as the widest narrow node is mostly padding for deep ids (rq, semantic: most nodes have
+        one or two children, a few have dozens), so nodes are split at the width that minimises the two tables'
+        size: a small table for the many narrow nodes and a mid table for the rest. Wider nodes still use CSR."""
+        counts = (self.edge_start[1:] - self.edge_start[:-1]).numpy()
         narrow = counts <= self.MAX_NARROW
-        width = max(2, int(counts[narrow].max()))
-        # int32 tables: half the memory; indices are widened per step, on (rows, width) only
-        first = self.edge_token[self.edge_start[:-1].clamp(max=len(self.edge_token) - 1)].int()
-        tokens = first[:, None].repeat(1, width)
-        del first
-        nodes = torch.zeros((self.num_nodes, width), dtype=torch.int32)
-        parents = torch.repeat_interleave(torch.arange(self.num_nodes), counts)
-        slots = torch.arange(len(parents)) - self.edge_start[parents]
-        keep = narrow[parents]
-        parents, slots = parents[keep], slots[keep]
-        tokens[parents, slots] = self.edge_token[keep].int()
-        nodes[parents, slots] = self.edge_child[keep].int()
-        del parents, slots, keep
-        stuck = torch.full((width,), self.eos_token_id, dtype=torch.int32)
-        stuck[0] = self.pad_token_id
-        tokens[counts == 0] = stuck
+        widest = max(2, int(counts[narrow].max()))
+        at_most = np.cumsum(np.bincount(counts[narrow], minlength=widest + 1))  # narrow nodes with <= w children
+        widths = np.arange(2, widest + 1)
+        cells = at_most[widths] * widths + (at_most[-1] - at_most[widths]) * widest
+        width = int(widths[cells.argmin()])
+        self.tier = np.where(narrow, np.where(counts <= width, self.SMALL, self.MID), self.WIDE).astype(np.int8)
+        self.tier = np.append(self.tier, np.int8(self.SMALL))  # node -1: the dead row
+        self.row_of = np.zeros(self.num_nodes + 1, dtype=np.int64)
+        self.tables = []
+        edge_token, edge_child = self.edge_token.numpy(), self.edge_child.numpy()
+        edge_start = self.edge_start.numpy()
+        for tier, tier_width in ((self.SMALL, width), (self.MID, widest)):
+            members = np.flatnonzero(self.tier[:-1] == tier)
+            self.row_of[members] = np.arange(len(members))
+            self.tables.append(self._padded_rows(members, tier_width, counts, edge_start, edge_token, edge_child))
+        self.dead_row = len(self.tables[self.SMALL][0]) - 1
+        self.row_of[self.tier == self.WIDE] = self.dead_row  # read only as filler; CSR answers for them
+        self.row_of[-1] = self.dead_row
+        self.has_mid = bool((self.tier == self.MID).any())
+        self.has_wide = bool((self.tier == self.WIDE).any())
         # Trie state is small integer work: numpy's per-call overhead is ~1 us where torch's is ~5-10 us, so the
-        # tables live as numpy arrays (zero-copy views) and only the scores stay in torch.
-        self.child_tokens = torch.cat([tokens, stuck[None]]).numpy()
-        self.child_nodes = torch.cat([nodes, torch.zeros((1, width), dtype=torch.int32)]).numpy()
-        self.is_wide = torch.cat([~narrow, torch.zeros(1, dtype=torch.bool)]).numpy()
-        self.has_wide = bool(self.is_wide.any())
-        self.edge_key, self.edge_child = self.edge_key.numpy(), self.edge_child.numpy()
-        self.edge_token, self.edge_start = self.edge_token.numpy(), self.edge_start.numpy()
+        # tables live as numpy arrays and only the scores stay in torch.
+        self.edge_key, self.edge_child, self.edge_token, self.edge_start = (
+            self.edge_key.numpy(), edge_child, edge_token, edge_start)
+
+    def _padded_rows(self, members, width, counts, edge_start, edge_token, edge_child):
+        """(tokens, child nodes) int32 tables with one row per member node plus a dead row at the end."""
+        tokens = np.empty((len(members) + 1, width), dtype=np.int32)
+        nodes = np.zeros((len(members) + 1, width), dtype=np.int32)
+        member_counts, starts = counts[members], edge_start[members]
+        tokens[:-1] = edge_token[np.minimum(starts, len(edge_token) - 1)][:, None]
+        rows = np.repeat(np.arange(len(members)), member_counts)
+        slots = np.arange(len(rows)) - np.repeat(np.cumsum(member_counts) - member_counts, member_counts)
+        tokens[rows, slots] = edge_token[starts[rows] + slots]
+        nodes[rows, slots] = edge_child[starts[rows] + slots]
+        del rows, slots
+        stuck = np.full(width, self.eos_token_id, dtype=np.int32)
+        stuck[0] = self.pad_token_id
+        tokens[np.append(member_counts == 0, True)] = stuck
+        return tokens, nodes
+
+    def _table_step(self, tier: int, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        child_tokens, child_nodes = self.tables[tier]
+        match = child_tokens[rows] == tokens[:, None]
+        child = (child_nodes[rows] * match).sum(1, dtype=np.int64)  # one real match at most; fillers add 0
+        return np.where(child > 0, child, -1)
 
     def step(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Child of each node through each token; -1 where there is none (or the node was already -1)."""
-        match = self.child_tokens[nodes] == tokens[:, None]  # node -1 reads the dead row
-        child = (self.child_nodes[nodes] * match).sum(1, dtype=np.int64)  # one real match at most; fillers add 0
-        child = np.where(child > 0, child, -1)
-        if self.has_wide:
-            wide = self.is_wide[nodes]
-            if wide.any():
-                child = np.where(wide, self._csr_step(nodes, tokens), child)
+        rows = self.row_of[nodes]  # node -1 reads the dead row
+        if not (self.has_mid or self.has_wide):
+            return self._table_step(self.SMALL, rows, tokens)
+        tier = self.tier[nodes]
+        child = np.full(len(nodes), -1, dtype=np.int64)
+        for kind in (self.SMALL, self.MID):
+            chosen = np.flatnonzero(tier == kind)
+            if len(chosen):
+                child[chosen] = self._table_step(kind, rows[chosen], tokens[chosen])
+        wide = np.flatnonzero(tier == self.WIDE)
+        if len(wide):
+            child[wide] = self._csr_step(nodes[wide], tokens[wide])
         return child
+
+    def _token_rows(self, nodes: np.ndarray) -> np.ndarray:
+        """(beams, width) tokens each node allows, padded by repeating an allowed token (wide nodes: filler)."""
+        rows = self.row_of[nodes]
+        small = self.tables[self.SMALL][0][rows if not self.has_mid else
+                                           np.where(self.tier[nodes] == self.MID, self.dead_row, rows)]
+        mid = np.flatnonzero(self.tier[nodes] == self.MID) if self.has_mid else ()
+        if not len(mid):
+            return small
+        widened = np.repeat(small[:, :1], self.tables[self.MID][0].shape[1], axis=1)
+        widened[:, :small.shape[1]] = small
+        widened[mid] = self.tables[self.MID][0][rows[mid]]
+        return widened
 
     def _csr_step(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         keys = nodes * self.stride + tokens
@@ -129,7 +175,7 @@ class IdTrie:
 
     def mask_scores(self, nodes: np.ndarray, scores: torch.Tensor) -> torch.Tensor:
         """`scores` with every token that does not continue an identifier set to -inf (one gather + scatter)."""
-        tokens = torch.from_numpy(self.child_tokens[nodes].astype(np.int64)).to(scores.device, non_blocking=True)
+        tokens = torch.from_numpy(self._token_rows(nodes).astype(np.int64)).to(scores.device, non_blocking=True)
         constrained = torch.full_like(scores, float("-inf"))
         if self.stride > scores.shape[-1]:
             # ids use tokens the model cannot write: never allow them. They are read through a clipped index and
@@ -141,7 +187,7 @@ class IdTrie:
         else:
             constrained.scatter_(1, tokens, scores.gather(1, tokens))
         if self.has_wide:
-            wide = np.flatnonzero(self.is_wide[nodes])
+            wide = np.flatnonzero(self.tier[nodes] == self.WIDE)
             if len(wide):
                 rows, wide_tokens = self.allowed_tokens(nodes[wide])
                 keep = wide_tokens < scores.shape[-1]
