@@ -229,7 +229,7 @@ def main(argv=None) -> dict[str, float]:
                         level=logging.INFO if training_args.should_log else logging.WARNING,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
-    resolve_demo_defaults(model_args, data_args)
+    resolve_demo_defaults(model_args, data_args, training_args)
     check_arguments(model_args, data_args, training_args)
     resume_dir = training_args.resume_from_checkpoint
     if resume_dir is not None and not os.path.isdir(resume_dir):

@@ -171,6 +171,21 @@ def test_the_demo_uses_rq_ids_from_a_dense_first_model_unless_told_otherwise():
     dense = ModelArguments(variant="dual_encoder")
     resolve_demo_defaults(dense, DataArguments())
     assert not dense.dense_first and dense.rerank_with is None
+    tuned = ModelArguments(dense_first_epochs=20)  # tunes the demo's dense stage, keeps the recipe
+    resolve_demo_defaults(tuned, DataArguments())
+    assert tuned.dense_first and tuned.docid_scheme == "rq" and tuned.dense_first_epochs == 20
+
+
+def test_epochs_default_to_the_demo_schedule_only_on_the_demo():
+    from vit_t5_dsi.arguments import (DEMO_TRAIN_EPOCHS, TRAIN_EPOCHS, DataArguments, ModelArguments,
+                                      parse_args, resolve_demo_defaults)
+
+    for flags, data_args, expected in (([], DataArguments(), DEMO_TRAIN_EPOCHS),
+                                       ([], DataArguments(karpathy_json="d.json", image_dir="."), TRAIN_EPOCHS),
+                                       (["--num_train_epochs", "300"], DataArguments(), 300)):
+        training_args = parse_args(["--output_dir", "unused", *flags])[2]
+        resolve_demo_defaults(ModelArguments(), data_args, training_args)
+        assert training_args.num_train_epochs == expected
 
 
 @pytest.mark.slow
