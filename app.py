@@ -99,7 +99,8 @@ class SearchPage:
             hits = self.search(query, top_k=top_k)
         except (ValueError, TypeError) as err:
             return [], f"Could not search: {err}"
-        gallery = [(hit["path"], f"{hit['image_key']}{CAPTION_SEPARATOR}{hit['score']:.3f}") for hit in hits if hit["path"]]
+        gallery = [(hit["path"], f"{hit['image_key']}{CAPTION_SEPARATOR}{hit['score']:.3f}")
+                   for hit in hits if hit["path"]]
         missing = [hit for hit in hits if not hit["path"]]
         if missing:
             where = (f"--image_dir {self.image_dir}" if self.image_dir else
@@ -167,10 +168,13 @@ def main(argv=None) -> int:
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         parser.error(f"--model: no {DEFAULT_MODEL}/ here; train the demo first (accelerate launch run_dsi_image.py) "
                      "or pass --model CKPT.")
+    started = time.perf_counter()
     try:
         search = load_search_pipeline(args.model, args.device, args.image_dir)
     except (OSError, ValueError) as err:
         parser.error(f"--model {args.model}: {err}")
+    print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}) in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
     app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
     app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
     app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(

@@ -28,5 +28,5 @@ PIPELINE_REGISTRY.register_pipeline(RETRIEVAL_TASK, pipeline_class=TextToImageRe
 
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
-           "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever", "TextToImageRetrievalPipeline", "RETRIEVAL_TASK",
-           "load_dsi_model", "model_class_for_variant"]
+           "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever",
+           "TextToImageRetrievalPipeline", "RETRIEVAL_TASK", "load_dsi_model", "model_class_for_variant"]

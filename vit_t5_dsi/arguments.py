@@ -87,7 +87,7 @@ class ModelArguments:
                 "model's semantic or rq ids from its image embeddings, then train the generative model. A finished "
                 "dense stage is reused when the run is resumed; an interrupted one resumes from its checkpoints."})
     dense_first_epochs: float | None = field(default=None, metadata={
-        "help": "--dense_first: epochs of the dual encoder (default: --num_train_epochs)."})
+        "help": "--dense_first: epochs of the dual encoder (default: --num_train_epochs; the built-in demo: 100)."})
     rerank_with: str | None = field(default=None, metadata={
         "help": "Re-rank each text query's generative top-k with a dual encoder's similarity: a dual_encoder "
                 "checkpoint (directory or Hub id), or 'dense_first' for the one --dense_first trains. Reported under "
