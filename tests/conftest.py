@@ -1,23 +1,29 @@
 """Offline, tiny, deterministic fixtures shared by the tests."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
-import torch
 
+# A temporary HF_HOME, set before anything imports transformers or datasets: both fix their cache paths (remote-code
+# modules included) at import, so setting it later would split this process and its subprocesses across two caches.
+_HF_HOME = tempfile.mkdtemp(prefix="vit_t5_dsi_hf_home_")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402  (after the environment above)
+
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    os.environ["HF_HOME"] = str(home)
-    os.environ["HF_DATASETS_CACHE"] = str(home / "datasets")
+def _isolated_hf_home():
     yield
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
