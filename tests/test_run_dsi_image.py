@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,26 +174,30 @@ def test_two_process_runs_exit_cleanly_every_time(tmp_path):
         assert "terminate called" not in result.stderr
 
 
-def test_push_to_hub_uploads_the_checkpoint_with_its_card(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hub_model_id, repo", [("someone/dsi-demo", "someone/dsi-demo"), (None, "someone/out")])
+def test_push_to_hub_uploads_the_checkpoint_with_its_card(tmp_path, monkeypatch, hub_model_id, repo):
     import transformers.trainer as trainer_module
 
     calls = {}
 
     class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            calls["repo"] = repo_id
-            return type("Url", (), {"repo_id": repo_id})()
+        def create_repo(self, repo_id, **kwargs):  # like the Hub: a bare name lands in the user's namespace
+            calls["repo"] = repo_id if "/" in repo_id else f"someone/{repo_id}"
+            return type("Url", (), {"repo_id": calls["repo"]})()
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             calls["files"] = sorted(os.listdir(folder_path))
             calls["card"] = open(os.path.join(folder_path, "README.md")).read()
 
     monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeApi())
-    run_dsi_image.main(tiny_args(tmp_path, "--push_to_hub", "True", "--hub_model_id", "someone/dsi-demo"))
-    assert calls["repo"] == "someone/dsi-demo"
+    hub = ["--hub_model_id", hub_model_id] if hub_model_id else []
+    run_dsi_image.main(tiny_args(tmp_path, "--push_to_hub", "True", *hub))
+    assert calls["repo"] == repo
     assert {"model.safetensors", "image_index.json", "config.json", "README.md", "modeling_vit_t5_dsi.py",
-            "tokenizer.json", "processor_config.json"} <= set(calls["files"])
-    assert 'DSIRetriever.from_pretrained("someone/dsi-demo")' in calls["card"]
+            "pipeline_text_to_image_retrieval.py", "tokenizer.json", "processor_config.json"} <= set(calls["files"])
+    # the card points at the repo it was pushed to, and nowhere else
+    assert set(re.findall(r'from_pretrained\("([^"]+)"', calls["card"])) == {repo}
+    assert f'pipeline("text-to-image-retrieval", model="{repo}", trust_remote_code=True)' in calls["card"]
 
 
 def test_arguments_from_a_yaml_file(tmp_path):
