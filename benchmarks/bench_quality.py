@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Retrieval quality side by side: every model on the same collection with the same budget, one table.
 
-    python benchmarks/bench_quality.py                              # 2,000 synthetic scenes (the issue's size)
+    python benchmarks/bench_quality.py                              # 2,000 synthetic scenes of 1-2 objects
     python benchmarks/bench_quality.py --num_images 300             # the built-in demo's collection
     python benchmarks/bench_quality.py --karpathy_json dataset_flickr30k.json --image_dir flickr30k-images \\
         --extra "--num_index_images 10000 --num_eval_images 2000"
@@ -27,6 +27,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINGLE_OBJECT_SCENES = 576  # distinct one-object scenes the synthetic generator can draw
 PSEUDO = ["--captioning_ratio", "0.5", "--pseudo_query_images", "uncaptioned"]
 NO_PSEUDO = ["--captioning_ratio", "0"]  # explicit: on the demo collection, pseudo-queries are the default
 DENSE = "{dense}"  # replaced by the dual encoder's output directory
@@ -56,6 +57,14 @@ def output_dir_of(name: str, args) -> str:
     return os.path.join(args.work_dir, "".join(c if c.isalnum() else "_" for c in name))
 
 
+def demo_max_objects(args) -> int:
+    """Objects per synthetic scene: one, like the demo, while there are enough distinct one-object scenes (576);
+    else up to two (e.g. the default 2,000 images)."""
+    if args.demo_max_objects is not None:
+        return args.demo_max_objects
+    return 1 if args.num_images <= SINGLE_OBJECT_SCENES else 2
+
+
 def run(name: str, flags: list[str], args) -> dict:
     output_dir = output_dir_of(name, args)
     dense_dir = output_dir_of("dual_encoder", args)
@@ -63,7 +72,8 @@ def run(name: str, flags: list[str], args) -> dict:
     if name != "dual_encoder" and os.path.isfile(os.path.join(dense_dir, "image_embeddings.safetensors")):
         flags += ["--rerank_with", dense_dir, "--rerank_weight", str(args.rerank_weight)]
     data = (["--karpathy_json", args.karpathy_json, "--image_dir", args.image_dir] if args.karpathy_json else
-            ["--demo_num_images", str(args.num_images), "--demo_dir", os.path.join(args.work_dir, "data")])
+            ["--demo_num_images", str(args.num_images), "--demo_max_objects", str(demo_max_objects(args)),
+             "--demo_dir", os.path.join(args.work_dir, "data")])
     command = [sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *data, *flags, "--output_dir", output_dir,
                "--overwrite_output_dir", "True", "--num_train_epochs", str(args.epochs), "--seed", str(args.seed),
                "--per_device_train_batch_size", str(args.batch_size), "--model_size", args.model_size,
@@ -130,6 +140,8 @@ def target_lines(by_name: dict[str, dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=2000, help="Synthetic scenes to draw (demo layout).")
+    parser.add_argument("--demo_max_objects", type=int, choices=(1, 2, 3), default=None,
+                        help="Objects per synthetic scene (default: 1 up to 576 images, else 2).")
     parser.add_argument("--karpathy_json", help="A real collection instead (with --image_dir).")
     parser.add_argument("--image_dir")
     parser.add_argument("--epochs", type=float, default=300)
