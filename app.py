@@ -18,6 +18,7 @@ import sys
 import time
 
 from vit_t5_dsi import RETRIEVAL_TASK, ViTT5DSIProcessor, load_dsi_model
+from vit_t5_dsi.dense_first import DENSE_FIRST_DIR
 from vit_t5_dsi.image_index import checkpoint_file
 
 DEFAULT_MODEL = "dsi_demo_output"
@@ -25,7 +26,8 @@ EXAMPLE_QUERY = "a large red circle in the top left"
 CAPTION_SEPARATOR = " · "  # gallery captions: "image_key · score"
 
 
-def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir: str | None = None):
+def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir: str | None = None,
+                         rerank_with: str | None = None, rerank_weight: float = 0.5):
     """The checkpoint's `text-to-image-retrieval` pipeline, built from this package's classes (no remote code)."""
     from transformers import pipeline
 
@@ -34,8 +36,14 @@ def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir
         raise ValueError(f"{name_or_path}: this checkpoint has no image index (image_index.json), so there is "
                          "nothing to search; train it with run_dsi_image.py first.")
     processor = ViTT5DSIProcessor.from_pretrained(name_or_path)
-    return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir,
-                    device=device or ("cuda" if _cuda() else "cpu"))
+    return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir, rerank_with=rerank_with,
+                    rerank_weight=rerank_weight, device=device or ("cuda" if _cuda() else "cpu"))
+
+
+def default_reranker(name_or_path: str, variant: str) -> str | None:
+    """The dual encoder a --dense_first run leaves in its output directory, when there is one here."""
+    folder = os.path.join(name_or_path, DENSE_FIRST_DIR)
+    return folder if variant != "dual_encoder" and os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
 def _cuda() -> bool:
@@ -109,7 +117,8 @@ class SearchPage:
             notes.append(f"{len(missing)} of the {len(hits)} results have no image file in {where}: {listing}. "
                          "Start the app with `--image_dir` set to the folder holding the collection's images.")
         kind = "text" if isinstance(query, str) else "image"
-        summary = (f"Top {len(hits)} of {self.num_images} indexed images for the {kind} query "
+        how = ", re-ranked by the dual encoder" if kind == "text" and self.search.reranker is not None else ""
+        summary = (f"Top {len(hits)} of {self.num_images} indexed images for the {kind} query{how} "
                    f"({time.perf_counter() - started:.2f} s).")
         return gallery, "\n\n".join([summary, *notes])
 
@@ -160,6 +169,11 @@ def main(argv=None) -> int:
                         help="Folder holding the collection's images, when they are not where they were indexed.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 for every interface).")
     parser.add_argument("--port", type=int, default=7860, help="Port to serve on.")
+    parser.add_argument("--rerank_with", default="auto",
+                        help="A dual-encoder checkpoint that re-orders the top-k of text queries; 'auto' (default) "
+                             f"uses MODEL/{DENSE_FIRST_DIR} when a --dense_first run left one, 'none' turns it off.")
+    parser.add_argument("--rerank_weight", type=float, default=0.5,
+                        help="Weight of the dense score against the generative one, in [0, 1].")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     parser.add_argument("--share", action="store_true", help="Also open a public Gradio share link.")
     args = parser.parse_args(argv)
@@ -170,11 +184,19 @@ def main(argv=None) -> int:
                      "or pass --model CKPT.")
     started = time.perf_counter()
     try:
-        search = load_search_pipeline(args.model, args.device, args.image_dir)
+        rerank_with = args.rerank_with
+        if rerank_with == "auto":
+            from transformers import AutoConfig
+
+            rerank_with = default_reranker(args.model, AutoConfig.from_pretrained(args.model).variant)
+        elif rerank_with.lower() == "none":
+            rerank_with = None
+        search = load_search_pipeline(args.model, args.device, args.image_dir, rerank_with, args.rerank_weight)
     except (OSError, ValueError) as err:
         parser.error(f"--model {args.model}: {err}")
-    print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}) in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
+    print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}"
+          f"{', re-ranked by ' + rerank_with if rerank_with else ''}) in {time.perf_counter() - started:.1f} s",
+          flush=True)
     app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
     app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
     app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(

@@ -104,6 +104,23 @@ def test_a_moved_collection_is_found_with_image_dir(checkpoints, tmp_path):
     assert [hit["image"] for hit in search(QUERY, top_k=2, image_dir=str(empty), return_images=True)] == [None] * 2
 
 
+def test_dense_reranking_in_the_pipeline_matches_the_retriever(checkpoints):
+    from vit_t5_dsi import DSIRetriever
+
+    generative, dense = checkpoints["cross_attention"], checkpoints["dual_encoder"]  # same 40 scenes, same keys
+    search = remote_pipeline(generative, rerank_with=dense, rerank_weight=0.7)
+    queries = [QUERY, "a small blue square"]
+    expected = DSIRetriever.from_pretrained(generative, device="cpu", rerank_with=dense,
+                                            rerank_weight=0.7).retrieve(queries, k=4)
+    for hits, want in zip(search(queries, top_k=4, batch_size=2), expected):
+        assert [h["image_key"] for h in hits] == [key for key, _ in want]
+        assert [h["score"] for h in hits] == pytest.approx([score for _, score in want], abs=1e-4)
+    plain = [h["image_key"] for h in remote_pipeline(generative)(QUERY, top_k=4)]
+    assert sorted(plain) == sorted(h["image_key"] for h in search(QUERY, top_k=4))  # same candidates, re-ordered
+    with pytest.raises(ValueError, match="ranks by itself"):
+        remote_pipeline(dense, rerank_with=dense)
+
+
 def test_bad_queries_are_refused_clearly(checkpoints):
     search = remote_pipeline(checkpoints["cross_attention"])
     with pytest.raises(ValueError, match="empty query"):
@@ -187,6 +204,20 @@ def test_app_messages_instead_of_stack_traces(checkpoints, tmp_path):
     gallery, message = SearchPage(load_search_pipeline(checkpoints["cross_attention"], "cpu", str(empty)),
                                   str(empty))(QUERY, None, 2)
     assert gallery == [] and "--image_dir" in message and "have no image file" in message
+
+
+def test_app_reranks_with_the_dense_first_folder_when_there_is_one(checkpoints, tmp_path):
+    from app import SearchPage, default_reranker, load_search_pipeline
+
+    assert default_reranker(checkpoints["cross_attention"], "cross_attention") is None
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints["cross_attention"], run)
+    shutil.copytree(checkpoints["dual_encoder"], run / "dual_encoder")
+    assert default_reranker(str(run), "cross_attention") == str(run / "dual_encoder")
+    assert default_reranker(str(run), "dual_encoder") is None
+    page = SearchPage(load_search_pipeline(str(run), "cpu", rerank_with=default_reranker(str(run), "cross_attention")))
+    gallery, message = page(QUERY, None, 3)
+    assert len(gallery) == 3 and "re-ranked by the dual encoder" in message
 
 
 def test_app_refuses_a_directory_that_is_not_a_trained_checkpoint(tmp_path):

@@ -51,6 +51,10 @@ class TextToImageRetrievalPipeline(Pipeline):
     an indexed image is normally itself. `path` is the image file recorded with the index (under `image_dir` when
     given: the collection moved, or the checkpoint came from the Hub), or None when no such file exists here.
     A list of queries returns one list per query; `batch_size=` batches them (texts and images in separate calls).
+
+    `rerank_with=` a dual-encoder checkpoint (e.g. the `dual_encoder` folder a `--dense_first` run leaves) re-orders
+    a generative model's top-k for text queries by the fused score of `rerank_weight` (see `dense_reranking.py`);
+    the score is then that fused log-probability.
     """
 
     _load_processor = True
@@ -58,7 +62,8 @@ class TextToImageRetrievalPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
 
-    def __init__(self, *args, image_dir: str | None = None, **kwargs):
+    def __init__(self, *args, image_dir: str | None = None, rerank_with: str | None = None,
+                 rerank_weight: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None:
             raise ValueError(f"The {TASK} pipeline needs the checkpoint's processor (processor_config.json).")
@@ -75,6 +80,14 @@ class TextToImageRetrievalPipeline(Pipeline):
             raise ValueError("A dual-encoder checkpoint needs its indexed images' embeddings "
                              "(image_embeddings.safetensors) to retrieve.")
         self.image_dir = image_dir
+        self.reranker = None
+        if rerank_with is not None:
+            if self.dense:
+                raise ValueError("rerank_with re-orders a generative model's top-k; a dual encoder ranks by itself.")
+            from .dense_reranking import DenseReranker  # here: that module loads models, which import this one
+
+            self.reranker = DenseReranker.from_pretrained(rerank_with, rerank_weight).to(self.device)
+            self.reranker.embeddings_for(index)  # every indexed image needs a dense embedding
 
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, (list, tuple)):
@@ -109,7 +122,7 @@ class TextToImageRetrievalPipeline(Pipeline):
             if not query.strip():
                 raise ValueError("An empty query: type a caption, or pass an image.")
             encoded = self.processor(text=[query])
-            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "query": query}
         if _is_image(query):
             return {"pixel_values": self.processor(images=[query])["pixel_values"]}
         raise TypeError(f"{TASK}: a query is a string or an image (PIL or an HxWxC array), not {type(query).__name__}.")
@@ -125,6 +138,10 @@ class TextToImageRetrievalPipeline(Pipeline):
         else:
             ranking = rank_by_generation(self.model, self.image_index, top_k, pixel_values=pixel_values,
                                          input_ids=input_ids, attention_mask=attention_mask)
+            if self.reranker is not None and pixel_values is None:
+                texts = model_inputs["query"]  # one string, or a list of them for a batch
+                ranking = self.reranker.rerank(ranking, [texts] if isinstance(texts, str) else list(texts),
+                                               self.image_index)
         return {"positions": torch.from_numpy(ranking.positions), "scores": torch.from_numpy(ranking.scores)}
 
     def postprocess(self, model_outputs, return_images: bool = False, image_dir: str | None = None):
