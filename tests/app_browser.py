@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--query", default="a large red circle in the top left")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--screenshot", default="docs/app_screenshot.png")
+    parser.add_argument("--expect", default=None, help="An image key the gallery must show (exit 1 otherwise).")
     args = parser.parse_args(argv)
     problem = browser_missing()
     if problem:
@@ -152,6 +153,12 @@ def main(argv=None) -> int:
     print(message)
     print("gallery:", ", ".join(keys))
     print("screenshot:", args.screenshot)
+    if len(keys) != args.k:
+        print(f"expected {args.k} images in the gallery, got {len(keys)}", file=sys.stderr)
+        return 1
+    if args.expect and args.expect not in keys:
+        print(f"{args.expect} is not among the results", file=sys.stderr)
+        return 1
     return 0
 
 
