@@ -197,10 +197,13 @@ def main(argv=None) -> int:
     print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}"
           f"{', re-ranked by ' + rerank_with if rerank_with else ''}) in {time.perf_counter() - started:.1f} s",
           flush=True)
+    loaded = time.perf_counter()
     app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
     app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
     app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(
-        search, args.image_dir), show_error=True, quiet=False)
+        search, args.image_dir), show_error=True, quiet=False, prevent_thread_lock=True)
+    print(f"Serving {time.perf_counter() - loaded:.1f} s after the model loaded.", flush=True)
+    app.block_thread()
     return 0
 
 
