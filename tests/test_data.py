@@ -390,3 +390,25 @@ def test_augmentation_acts_on_the_cached_image(scene_source):
     augmented = cache.pixel_values(keys, crop)
     assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
     assert torch.equal(cache.pixel_values(keys), plain)  # the cached image itself is never altered
+
+
+def test_the_caption_tokenizer_gives_the_same_ids_in_every_process():
+    """BPE training breaks ties in hash-map order, which changes per process; caption and digit ids must not
+    (a word the captions never use may still split into different pieces)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer\n"
+        "colours = ['red', 'green', 'blue', 'yellow', 'black', 'white', 'orange', 'purple']\n"
+        "shapes = ['circle', 'square', 'triangle', 'diamond']\n"
+        "places = ['in the top left', 'at the bottom right', 'in the center', 'on the middle left']\n"
+        "captions = [f'a {s} {c} {h} {p}' for s in ('small', 'large') for c in colours for h in shapes for p in places]\n"
+        "t = train_caption_tokenizer(captions, vocab_size=400)\n"
+        "print(json.dumps([t(captions)['input_ids'], t('0123456789')['input_ids']]))\n")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(3)}
+    assert len(outputs) == 1
+    digits = json.loads(outputs.pop())[1][:10]
+    assert digits == list(range(3, 13))  # right after pad, eos, unk: naive ids are the same tokens everywhere

@@ -6,27 +6,56 @@ naive identifiers are digit sequences as in DSI. Saved with the checkpoint; `Aut
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+INITIAL_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"  # digits first: naive ids are digit tokens
+CONTINUING_PREFIX = "##"
 
 
 def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix=CONTINUING_PREFIX))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
     tokenizer.decoder = decoders.WordPiece()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  continuing_subword_prefix="##",
-                                  initial_alphabet=list("0123456789abcdefghijklmnopqrstuvwxyz"))
+                                  continuing_subword_prefix=CONTINUING_PREFIX,
+                                  initial_alphabet=list(INITIAL_ALPHABET))
+    captions = list(captions)
     tokenizer.train_from_iterator(captions, trainer=trainer)
+    tokenizer = _canonical_ids(tokenizer, captions)
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", 1)])
     return _wrap(tokenizer)
+
+
+def _canonical_ids(tokenizer: Tokenizer, captions: list[str]) -> Tokenizer:
+    """The same tokenizer with token ids that do not depend on the run.
+
+    The BPE trainer breaks ties between equally frequent pairs in hash-map order, which changes with every process:
+    the captions tokenize the same, but intermediate merges and every token's id differ, so two runs with one seed
+    initialise (and train) different models. Here ids are reassigned in a fixed order: the special tokens, the
+    initial alphabet (digits first, then its "##" forms), the tokens the captions actually use, sorted, then the
+    remaining ones, sorted.
+    Captions and identifiers then get the same ids in every run; only words the captions never use may split into
+    different pieces."""
+    data = json.loads(tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    pieces = (tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(c)) for c in captions)
+    words = sorted({word for caption_pieces in pieces for word, _ in caption_pieces})
+    used = {token for encoding in tokenizer.encode_batch([[w] for w in words], is_pretokenized=True,
+                                                         add_special_tokens=False)
+            for token in encoding.tokens}
+    alphabet = [*INITIAL_ALPHABET, *(CONTINUING_PREFIX + c for c in INITIAL_ALPHABET)]
+    fixed = [*SPECIAL_TOKENS, *(token for token in alphabet if token in vocab)]
+    rest = sorted((token for token in vocab if token not in fixed), key=lambda t: (t not in used, t))
+    data["model"]["vocab"] = {token: i for i, token in enumerate([*fixed, *rest])}
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def caption_tokenizer_from_str(serialized: str) -> PreTrainedTokenizerFast:
