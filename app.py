@@ -28,28 +28,23 @@ CAPTION_SEPARATOR = " · "  # gallery captions: "image_key · score"
 
 def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir: str | None = None,
                          rerank_with: str | None = None, rerank_weight: float = 0.5):
-    """The checkpoint's `text-to-image-retrieval` pipeline, built from this package's classes (no remote code)."""
+    """The checkpoint's `text-to-image-retrieval` pipeline, built from this package's classes (no remote code).
+    `rerank_with="auto"`: the checkpoint's `--dense_first` dual encoder, when it has one. `device` None: the
+    pipeline's own choice (the first GPU, else the CPU)."""
     from transformers import pipeline
 
     model = load_dsi_model(name_or_path)
-    if model.image_index is None:
-        raise ValueError(f"{name_or_path}: this checkpoint has no image index (image_index.json), so there is "
-                         "nothing to search; train it with run_dsi_image.py first.")
+    if rerank_with == "auto":
+        rerank_with = default_reranker(name_or_path, model.config.variant)
     processor = ViTT5DSIProcessor.from_pretrained(name_or_path)
     return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir, rerank_with=rerank_with,
-                    rerank_weight=rerank_weight, device=device or ("cuda" if _cuda() else "cpu"))
+                    rerank_weight=rerank_weight, device=device)
 
 
 def default_reranker(name_or_path: str, variant: str) -> str | None:
     """The dual encoder a --dense_first run leaves in its output directory, when there is one here."""
     folder = os.path.join(name_or_path, DENSE_FIRST_DIR)
     return folder if variant != "dual_encoder" and os.path.isfile(os.path.join(folder, "config.json")) else None
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def card_metrics(name_or_path: str) -> str:
@@ -183,20 +178,14 @@ def main(argv=None) -> int:
         parser.error(f"--model: no {DEFAULT_MODEL}/ here; train the demo first (accelerate launch run_dsi_image.py) "
                      "or pass --model CKPT.")
     started = time.perf_counter()
+    rerank_with = None if args.rerank_with.lower() == "none" else args.rerank_with
     try:
-        rerank_with = args.rerank_with
-        if rerank_with == "auto":
-            from transformers import AutoConfig
-
-            rerank_with = default_reranker(args.model, AutoConfig.from_pretrained(args.model).variant)
-        elif rerank_with.lower() == "none":
-            rerank_with = None
         search = load_search_pipeline(args.model, args.device, args.image_dir, rerank_with, args.rerank_weight)
     except (OSError, ValueError) as err:
         parser.error(f"--model {args.model}: {err}")
-    print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}"
-          f"{', re-ranked by ' + rerank_with if rerank_with else ''}) in {time.perf_counter() - started:.1f} s",
-          flush=True)
+    reranked = ", re-ranked by a dual encoder" if search.reranker is not None else ""
+    print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}{reranked}) in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
     loaded = time.perf_counter()
     app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
     app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model

@@ -25,7 +25,7 @@ from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
 from .pseudo_queries import generate_captions
-from .ranking import rank_by_generation, rank_by_similarity
+from .ranking import rank_queries
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +163,11 @@ class DSITrainer(Seq2SeqTrainer):
         query_id = inputs.pop("query_id")
         texts = inputs.pop("query_text", None)
         model = self.accelerator.unwrap_model(model)
-        if self.is_dual_encoder:
-            if self._image_embeddings is None:
-                raise RuntimeError("Dual-encoder predictions need the index embeddings: call evaluate() or predict().")
-            if "pixel_values" in inputs:
-                queries = model.encode_images(inputs["pixel_values"])
-            else:
-                queries = model.encode_texts(inputs["input_ids"], inputs.get("attention_mask"))
-            ranking = rank_by_similarity(queries, self._image_embeddings, self.retrieval_k)
-        else:
-            # the search settings are passed here, so evaluations during training search exactly as the final one
-            ranking = rank_by_generation(model, model.image_index, self.retrieval_k, **inputs)
+        if self.is_dual_encoder and self._image_embeddings is None:
+            raise RuntimeError("Dual-encoder predictions need the index embeddings: call evaluate() or predict().")
+        # both rankings are kept (pure and re-ranked), so the re-ranker is applied below rather than in rank_queries
+        ranking = rank_queries(model, model.image_index, self.retrieval_k, image_embeddings=self._image_embeddings
+                               if self.is_dual_encoder else None, **inputs)
         positions = torch.as_tensor(ranking.positions, device=gold.device)
         if self.reranker is not None and texts is not None:
             reranked = self.reranker.rerank(ranking, texts, model.image_index)

@@ -149,9 +149,11 @@ class IdTrie:
     def _token_rows(self, nodes: np.ndarray) -> np.ndarray:
         """(beams, width) tokens each node allows, padded by repeating an allowed token (wide nodes: filler)."""
         rows = self.row_of[nodes]
-        small = self.tables[self.SMALL][0][rows if not self.has_mid else
-                                           np.where(self.tier[nodes] == self.MID, self.dead_row, rows)]
-        mid = np.flatnonzero(self.tier[nodes] == self.MID) if self.has_mid else ()
+        if not self.has_mid:
+            return self.tables[self.SMALL][0][rows]
+        is_mid = self.tier[nodes] == self.MID
+        small = self.tables[self.SMALL][0][np.where(is_mid, self.dead_row, rows)]
+        mid = np.flatnonzero(is_mid)
         if not len(mid):
             return small
         widened = np.repeat(small[:, :1], self.tables[self.MID][0].shape[1], axis=1)

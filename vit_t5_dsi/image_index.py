@@ -232,13 +232,13 @@ class ImageIndex:
         plus paths relative to it, so `image_path(..., image_dir=NEW_ROOT)` finds a moved collection."""
         if len(paths) != len(self):
             raise ValueError(f"{len(paths)} image paths for the {len(self)} images of the index.")
-        present = [os.path.abspath(p) for p in paths if p]
+        absolute = [os.path.abspath(p) if p else None for p in paths]
+        present = [p for p in absolute if p]
         if not present:
             self.image_root, self.image_files = None, None
             return
-        root = os.path.commonpath([os.path.dirname(p) for p in present])
-        self.image_root = root
-        self.image_files = [os.path.relpath(os.path.abspath(p), root) if p else None for p in paths]
+        self.image_root = os.path.commonpath([os.path.dirname(p) for p in present])
+        self.image_files = [os.path.relpath(p, self.image_root) if p else None for p in absolute]
 
     def image_path(self, position: int, image_dir: str | os.PathLike | None = None) -> str | None:
         """The file of the image at `position` (under `image_dir` instead of the recorded root, when given), or

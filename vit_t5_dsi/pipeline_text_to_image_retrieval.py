@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .ranking import rank_by_generation, rank_by_similarity
+from .ranking import rank_queries
 
 TASK = "text-to-image-retrieval"
 PIPELINE_FILE = os.path.basename(__file__)
@@ -75,14 +75,15 @@ class TextToImageRetrievalPipeline(Pipeline):
         self.tokenizer = self.tokenizer or self.processor.tokenizer
         self.image_processor = self.image_processor or self.processor.image_processor
         index.check_tokenizer(self.tokenizer)
-        self.dense = self.model.config.variant == "dual_encoder"
-        if self.dense and index.embeddings is None:
+        dense = self.model.config.variant == "dual_encoder"
+        if dense and index.embeddings is None:
             raise ValueError("A dual-encoder checkpoint needs its indexed images' embeddings "
                              "(image_embeddings.safetensors) to retrieve.")
+        self.image_embeddings = index.embeddings.to(self.device) if dense else None  # the dense search index
         self.image_dir = image_dir
         self.reranker = None
         if rerank_with is not None:
-            if self.dense:
+            if dense:
                 raise ValueError("rerank_with re-orders a generative model's top-k; a dual encoder ranks by itself.")
             from .dense_reranking import DenseReranker  # here: that module loads models, which import this one
 
@@ -128,20 +129,11 @@ class TextToImageRetrievalPipeline(Pipeline):
         raise TypeError(f"{TASK}: a query is a string or an image (PIL or an HxWxC array), not {type(query).__name__}.")
 
     def _forward(self, model_inputs, top_k: int = 5):
-        pixel_values = model_inputs.get("pixel_values")
-        input_ids, attention_mask = model_inputs.get("input_ids"), model_inputs.get("attention_mask")
-        if self.dense:
-            queries = (self.model.encode_images(pixel_values) if pixel_values is not None
-                       else self.model.encode_texts(input_ids, attention_mask))
-            embeddings = self.image_index.embeddings.to(queries.device)
-            ranking = rank_by_similarity(queries, embeddings, top_k)
-        else:
-            ranking = rank_by_generation(self.model, self.image_index, top_k, pixel_values=pixel_values,
-                                         input_ids=input_ids, attention_mask=attention_mask)
-            if self.reranker is not None and pixel_values is None:
-                texts = model_inputs["query"]  # one string, or a list of them for a batch
-                ranking = self.reranker.rerank(ranking, [texts] if isinstance(texts, str) else list(texts),
-                                               self.image_index)
+        texts = model_inputs.get("query")  # one string, or a list of them for a batch; None for images
+        ranking = rank_queries(self.model, self.image_index, top_k, model_inputs.get("input_ids"),
+                               model_inputs.get("attention_mask"), model_inputs.get("pixel_values"),
+                               image_embeddings=self.image_embeddings, reranker=self.reranker,
+                               texts=[texts] if isinstance(texts, str) else texts)
         return {"positions": torch.from_numpy(ranking.positions), "scores": torch.from_numpy(ranking.scores)}
 
     def postprocess(self, model_outputs, return_images: bool = False, image_dir: str | None = None):

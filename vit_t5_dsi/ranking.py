@@ -70,4 +70,22 @@ def rank_by_similarity(text_embeds: torch.Tensor, image_embeds: torch.Tensor, k:
     return distinct_topk(positions.cpu().numpy(), scores.cpu().numpy(), k)
 
 
-__all__ = ["Ranking", "distinct_topk", "rank_by_generation", "rank_by_similarity"]
+@torch.no_grad()
+def rank_queries(model, index: ImageIndex, k: int, input_ids=None, attention_mask=None, pixel_values=None,
+                 image_embeddings: torch.Tensor | None = None, reranker=None, texts: list[str] | None = None
+                 ) -> Ranking:
+    """One batch of text (`input_ids`) or image (`pixel_values`) queries, ranked the way the model retrieves: dot
+    products with `image_embeddings` (a dual encoder), else constrained beam search, whose top-k a `reranker`
+    (a `DenseReranker`) re-orders for text queries (`texts`)."""
+    if image_embeddings is not None:
+        queries = (model.encode_images(pixel_values) if pixel_values is not None
+                   else model.encode_texts(input_ids, attention_mask))
+        return rank_by_similarity(queries, image_embeddings, k)
+    ranking = rank_by_generation(model, index, k, pixel_values=pixel_values, input_ids=input_ids,
+                                 attention_mask=attention_mask)
+    if reranker is not None and pixel_values is None:
+        ranking = reranker.rerank(ranking, texts, index)
+    return ranking
+
+
+__all__ = ["Ranking", "distinct_topk", "rank_by_generation", "rank_by_similarity", "rank_queries"]

@@ -8,7 +8,7 @@ from .dense_reranking import DenseReranker
 from .image_index import EMBEDDINGS_FILE_NAME
 from .modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel, load_dsi_model
 from .processing_vit_t5_dsi import ViTT5DSIProcessor
-from .ranking import rank_by_generation, rank_by_similarity
+from .ranking import rank_queries
 
 
 class DSIRetriever:
@@ -65,15 +65,10 @@ class DSIRetriever:
             raise ValueError(f"k must be >= 1, got {k}.")
         results = []
         for start in range(0, len(texts), batch_size):
-            batch = self.processor(text=texts[start:start + batch_size]).to(self.model.device)
-            if self.image_embeddings is not None:
-                queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"])
-                ranking = rank_by_similarity(queries, self.image_embeddings, k)
-            else:
-                ranking = rank_by_generation(self.model, self.model.image_index, k, input_ids=batch["input_ids"],
-                                             attention_mask=batch["attention_mask"])
-                if self.reranker is not None:
-                    ranking = self.reranker.rerank(ranking, texts[start:start + batch_size], self.model.image_index)
+            chunk = texts[start:start + batch_size]
+            batch = self.processor(text=chunk).to(self.model.device)
+            ranking = rank_queries(self.model, self.model.image_index, k, batch["input_ids"], batch["attention_mask"],
+                                   image_embeddings=self.image_embeddings, reranker=self.reranker, texts=chunk)
             results.extend(ranking.keys(self.model.image_index))
         return results
 
