@@ -213,13 +213,8 @@ def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, pr
                                  progress=training_args.should_log and not training_args.disable_tqdm,
                                  stop_captioning_after_last=not data_args.keep_captioning,
                                  references=references)
-    saved = os.path.join(resume_dir, PSEUDO_QUERIES_FILE) if resume_dir else None
-    if saved and os.path.exists(saved):  # a resumed run trains on the pseudo-queries it had
-        store.replace(PseudoQueries.load(saved, known_keys=splits.index["image_key"][:]))
-        with open(os.path.join(resume_dir, "trainer_state.json"), encoding="utf-8") as f:
-            resumed_epoch = json.load(f).get("epoch", 0)
-        refresh.refreshed = [e for e in epochs if e <= resumed_epoch]
-        store.captioning_finished = not data_args.keep_captioning and epochs[-1] in refresh.refreshed
+    if resume_dir:  # a resumed run trains on the pseudo-queries it had, and refreshes what it had not yet
+        refresh.restore(resume_dir, known_keys=splits.index["image_key"][:])
     return store, refresh
 
 

@@ -99,19 +99,16 @@ class DecodedImages:
             del self._cache[key]
 
     def pixel_values(self, keys, transform=None) -> torch.Tensor:
-        """Float pixels for `keys`. `transform` (e.g. a random resized crop to the same size) acts on each image
-        before conversion: on the uint8 image when cached, on the decoded image otherwise."""
+        """Float pixels for `keys`. `transform` (e.g. a random resized crop to the same size), or a list of one per
+        key, acts on each image before conversion: on the uint8 image when cached, on the decoded one otherwise."""
         keys = list(keys)
+        transforms = transform if isinstance(transform, (list, tuple)) else [transform] * len(keys)
         if not self._verified and keys:
             self._verify(keys[0])
         if not self.enabled:
-            pil = self._load(keys)
-            if transform is not None:
-                pil = [transform(image) for image in pil]
+            pil = [t(image) if t is not None else image for t, image in zip(transforms, self._load(keys))]
             return self.processor(images=pil)["pixel_values"]
-        arrays = self.uint8(keys)
-        if transform is not None:
-            arrays = [transform(array) for array in arrays]
+        arrays = [t(array) if t is not None else array for t, array in zip(transforms, self.uint8(keys))]
         return self._convert(arrays)
 
 

@@ -6,6 +6,8 @@ It runs in DataLoader workers, so no image work happens in the training process 
 
 from __future__ import annotations
 
+import hashlib
+
 import datasets
 import numpy as np
 import torch
@@ -114,25 +116,44 @@ class DSICollator:
     the captions themselves, for caption queries)."""
 
     def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
-                 caption_token_id: int | None = None, pseudo_queries=None, image_cache_mb: float = 4096):
+                 caption_token_id: int | None = None, pseudo_queries=None, image_cache_mb: float = 4096,
+                 seed: int = 42):
         """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
         only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
         jitter are left out: they would contradict captions that name sides and colours. `pseudo_queries` (a
         `PseudoQueries`, refreshed in place during training) fills pseudo-query rows; an image without any yet
         is indexed instead. Images are decoded and resized once and kept as uint8 up to `image_cache_mb` (per
-        DataLoader worker; 0 decodes every time): later epochs only convert and augment (`DecodedImages`)."""
+        DataLoader worker; 0 decodes every time): later epochs only convert and augment (`DecodedImages`).
+        `seed` and `epoch` seed each row's crop."""
         self.index, self.images, self.processor, self.variant = index, images, processor, variant
         self.caption_token_id, self.pseudo_queries = caption_token_id, pseudo_queries
         self.decoded_images = DecodedImages(images, processor, image_cache_mb)
         self._crop = None
+        self.seed, self.epoch = seed, 0
         if augment:
             from torchvision.transforms import RandomResizedCrop
 
             size = processor.image_size
             self._crop = RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(0.9, 1.1))
 
-    def _pixels(self, keys, training: bool = False):
-        return self.decoded_images.pixel_values(keys, self._crop if training else None)
+    def _pixels(self, keys, training: bool = False, rows: list[dict] | None = None):
+        if not training or self._crop is None:
+            return self.decoded_images.pixel_values(keys)
+        return self.decoded_images.pixel_values(keys, [self._seeded_crop(row) for row in rows])
+
+    def _seeded_crop(self, row: dict):
+        """The random crop of one training row, drawn from a generator seeded by (seed, epoch, row): the crops
+        then depend on neither the global RNG nor how far the DataLoader had read ahead, so a resumed run crops
+        exactly as the uninterrupted one (`epoch` is set by the trainer at each epoch's start)."""
+        identity = f"{self.seed}/{self.epoch}/{row['kind']}/{row['query_id']}/{row['slot']}/{row['image_key']}"
+        seed = int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest(), "little")
+
+        def crop(image):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._crop(image)
+
+        return crop
 
     def _text(self, captions):
         return dict(self.processor(text=captions))
@@ -186,13 +207,13 @@ class DSICollator:
             return batch
         if self.variant == "dual_encoder":
             keys = [r["image_key"] for r in captions]
-            batch["pixel_values"] = self._pixels(keys, training=True)
+            batch["pixel_values"] = self._pixels(keys, training=True, rows=captions)
             batch.update(self._text([r["caption"] for r in captions]))
             batch["labels"] = torch.tensor([self.index.position_of_key[k] for k in keys])
             return batch
         image_rows = images + captioning
         if image_rows:
-            batch["pixel_values"] = self._pixels([r["image_key"] for r in image_rows], training=True)
+            batch["pixel_values"] = self._pixels([r["image_key"] for r in image_rows], training=True, rows=image_rows)
         if captions:
             batch.update(self._text([r["caption"] for r in captions]))
         labels = ([self.index.labels_for(r["image_key"]) for r in images]

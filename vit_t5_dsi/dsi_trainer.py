@@ -18,19 +18,68 @@ import shutil
 
 import datasets
 import torch
-from transformers import Seq2SeqTrainer
+from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 
 from .dsi_data import DSICollator, ImageSource
+from .atomic_io import atomic_write_text
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
-from .pseudo_queries import generate_captions
+from .pseudo_queries import REFRESH_STATE_FILE, epoch_index, generate_captions
 from .ranking import rank_queries
 
 logger = logging.getLogger(__name__)
 
 # Files of a checkpoint that only resume training; everything else in it is the model a user loads.
-RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+RESUME_STATE_FILE = "dsi_trainer_state.json"
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                     RESUME_STATE_FILE, REFRESH_STATE_FILE)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's weights do not fit the model being resumed (missing, unexpected or mis-shaped tensors)."""
+
+
+def load_checkpoint_weights(model, checkpoint: str) -> None:
+    """Load `checkpoint`'s weights into `model` exactly as `from_pretrained` reads them, or raise.
+
+    Trainer's own resume reads `model.safetensors` with `load_state_dict(strict=False)` and none of the key
+    conversion transformers 5 applies in `from_pretrained` (a ViT saved under its legacy names
+    `encoder.layer.N.attention.attention.query` then matches none of `layers.N.attention.q_proj`), and only warns:
+    a resumed run trained on with a randomly initialised image tower. Here the checkpoint is loaded through
+    `from_pretrained` (every conversion applied), and its state dict must match the model's key for key.
+    """
+    from .modeling_vit_t5_dsi import load_dsi_model
+
+    try:
+        loaded = load_dsi_model(checkpoint, strict=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointMismatchError(f"{checkpoint}: cannot load its weights ({err}).") from err
+    if loaded.config.variant != model.config.variant:
+        raise CheckpointMismatchError(f"{checkpoint}: a {loaded.config.variant} checkpoint cannot resume a "
+                                      f"{model.config.variant} model.")
+    state = loaded.state_dict()
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mis_shaped:
+        raise CheckpointMismatchError(
+            f"{checkpoint}: its weights do not fit the model being resumed ({len(missing)} missing, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(mis_shaped)} of another "
+            f"shape, e.g. {mis_shaped[:3]}). Resume with the flags and data the checkpoint was trained with.")
+    model.load_state_dict(state, strict=True)
+
+
+class CollatorEpoch(TrainerCallback):
+    """Tells the collator which epoch starts, for its per-row augmentation seeds (DataLoader workers copy the
+    collator when an epoch's iterator is made, after this)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = epoch_index(state)
 
 
 class DSITrainer(Seq2SeqTrainer):
@@ -64,10 +113,12 @@ class DSITrainer(Seq2SeqTrainer):
             kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
                                                   model.config.variant, augment,
                                                   getattr(model.config, "caption_token_id", None), pseudo_queries,
-                                                  image_cache_mb)
+                                                  image_cache_mb, seed=getattr(args, "seed", 42))
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
                                                                      min(10, self.retrieval_k)))
         super().__init__(model=model, args=args, **kwargs)
+        if hasattr(self.data_collator, "epoch"):
+            self.add_callback(CollatorEpoch(self.data_collator))
         self.images = images if images is not None else self.data_collator.images
         self.caption_references = caption_references or {}
         if reranker is not None and self.is_dual_encoder:
@@ -174,6 +225,50 @@ class DSITrainer(Seq2SeqTrainer):
             positions = torch.stack([positions, torch.as_tensor(reranked.positions, device=gold.device)], dim=1)
         return None, positions, torch.stack([gold, query_id], dim=1)
 
+    # ----- resuming ----------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume (and `load_best_model_at_end`) load weights as `from_pretrained` does; see
+        `load_checkpoint_weights`."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_checkpoint_weights(target, resume_from_checkpoint)
+        self._resumed_loss = self._saved_loss_total(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading the best model from %s (score %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_checkpoint_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    @staticmethod
+    def _saved_loss_total(checkpoint: str) -> float | None:
+        path = os.path.join(checkpoint, RESUME_STATE_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("total_loss")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, plus the training loss summed so far: Trainer reports `train_loss` as the mean
+        over the steps of one `train()` call, so a resumed run would report the mean of its last part only."""
+        super()._save_checkpoint(model, trial)
+        # the steps not yet logged, averaged over processes as Trainer's logging does (a collective: every process)
+        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        if self.is_world_process_zero():
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            atomic_write_text(os.path.join(folder, RESUME_STATE_FILE),
+                              json.dumps({"total_loss": self._total_loss_scalar + pending}))
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """A resumed run's `train_loss` is the mean over every step of the run, as if it had not been interrupted."""
+        resumed = getattr(self, "_resumed_loss", None)
+        if resumed is not None:
+            self._total_loss_scalar += resumed
+            self._initial_global_step = 0
+        output = super()._finalize_training(trial, num_train_samples, start_time)
+        self._resumed_loss = None
+        return output
+
     # ----- saving and pushing ---------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The model's own `save_pretrained` writes weights, config, code and the image index; for the dual encoder
@@ -234,4 +329,4 @@ class DSITrainer(Seq2SeqTrainer):
             f.write(text)
 
 
-__all__ = ["DSITrainer", "RESUME_ONLY_FILES"]
+__all__ = ["DSITrainer", "RESUME_ONLY_FILES", "CheckpointMismatchError", "load_checkpoint_weights"]

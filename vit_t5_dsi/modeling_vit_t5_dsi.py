@@ -169,11 +169,12 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Weights and config as transformers loads them, and the image index saved beside them (with the same
         `revision`, `token`, `cache_dir`, `subfolder`); a checkpoint without an index loads with `image_index=None`."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
         model.image_index = ImageIndex.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if model.image_index is not None:
             model.image_index.check_vocabulary(model.get_input_embeddings().num_embeddings)
-        return model
+        return loaded
 
     def get_input_embeddings(self):
         return getattr(self, self._text_model_attribute).get_input_embeddings()
@@ -418,12 +419,21 @@ def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:
     return ViTT5DSIDualEncoderModel if variant == "dual_encoder" else ViTT5DSIForConditionalGeneration
 
 
-def load_dsi_model(name_or_path: str, **kwargs) -> ViTT5DSIPreTrainedModel:
-    """Load a checkpoint of any variant with the class its config names (`kwargs` reach every download)."""
+def load_dsi_model(name_or_path: str, strict: bool = False, **kwargs) -> ViTT5DSIPreTrainedModel:
+    """Load a checkpoint of any variant with the class its config names (`kwargs` reach every download).
+    `strict`: a missing, unexpected or mis-shaped weight is an error (transformers only warns), as when resuming."""
     from .image_index import HUB_KWARGS
 
     config = ViTT5DSIConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS})
-    return model_class_for_variant(config.variant).from_pretrained(name_or_path, **kwargs)
+    cls = model_class_for_variant(config.variant)
+    if not strict:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ValueError(f"{name_or_path}: weights do not match the model: " + "; ".join(
+            f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[:3]})" for kind, keys in problems.items() if keys))
+    return model
 
 
 ViTT5DSIConfig.register_for_auto_class()

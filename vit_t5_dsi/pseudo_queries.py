@@ -144,6 +144,7 @@ def generate_captions(model, keys: Sequence[str], images, processor, batch_size:
 
 
 PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
+REFRESH_STATE_FILE = "pseudo_query_refresh.json"  # in checkpoints: which refreshes are done
 
 
 class PseudoQueryRefresh(TrainerCallback):
@@ -169,14 +170,19 @@ class PseudoQueryRefresh(TrainerCallback):
         self.refreshed: list[int] = []
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
-        epoch = int(round(state.epoch or 0))
+        epoch = epoch_index(state)
         if epoch not in self.epochs or epoch in self.refreshed:
             return
         start = time.perf_counter()
-        queries = generate_pseudo_queries(model, self.keys, self.images, self.processor, self.num_queries,
-                                          self.batch_size, args.device, self.top_k,
-                                          suppress_token_ids=self.suppress_token_ids,
-                                          desc=f"Pseudo-queries (epoch {epoch})" if self.progress else None)
+        # Sampled from a generator of their own, seeded by (seed, epoch), and leaving the training RNG as it was:
+        # a run resumed before this epoch writes the same pseudo-queries and then trains on the same dropout masks.
+        devices = [args.device] if args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(args.seed * 1_000_003 + epoch)
+            queries = generate_pseudo_queries(model, self.keys, self.images, self.processor, self.num_queries,
+                                              self.batch_size, args.device, self.top_k,
+                                              suppress_token_ids=self.suppress_token_ids,
+                                              desc=f"Pseudo-queries (epoch {epoch})" if self.progress else None)
         self.store.replace(PseudoQueries(queries, source=f"the model's own caption decoder at epoch {epoch} "
                                                          f"(step {state.global_step}), {self.num_queries} samples "
                                                          f"per image, top-k {self.top_k}"))
@@ -197,11 +203,37 @@ class PseudoQueryRefresh(TrainerCallback):
                         f"{summary['writer_caption_bleu']:.1f}" if "writer_caption_bleu" in summary else "-")
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and len(self.store):
+        """Every checkpoint gets the pseudo-queries and which refreshes are done, so a resumed run neither
+        repeats nor skips one."""
+        if state.is_world_process_zero:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(checkpoint):
-                self.store.save(os.path.join(checkpoint, PSEUDO_QUERIES_FILE))
+                if len(self.store):
+                    self.store.save(os.path.join(checkpoint, PSEUDO_QUERIES_FILE))
+                atomic_write_text(os.path.join(checkpoint, REFRESH_STATE_FILE), json.dumps({
+                    "refreshed": self.refreshed, "captioning_finished": self.store.captioning_finished,
+                    "captioner_metrics": self.store.captioner_metrics}))
+
+    def restore(self, checkpoint: str, known_keys: Sequence[str]) -> None:
+        """The state `on_save` wrote into `checkpoint` (nothing was refreshed when the file is absent)."""
+        state_path = os.path.join(checkpoint, REFRESH_STATE_FILE)
+        if not os.path.isfile(state_path):
+            return
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        saved = os.path.join(checkpoint, PSEUDO_QUERIES_FILE)
+        if os.path.isfile(saved):
+            self.store.replace(PseudoQueries.load(saved, known_keys=known_keys))
+        self.refreshed = [int(e) for e in state["refreshed"]]
+        self.store.captioning_finished = bool(state["captioning_finished"])
+        self.store.captioner_metrics = dict(state.get("captioner_metrics") or {})
+
+
+def epoch_index(state) -> int:
+    """The epoch a callback's `on_epoch_begin` starts: `state.epoch` is a float that lands a rounding error either
+    side of the integer at an epoch's start, and holds a fraction when a run resumes inside an epoch."""
+    return int((state.epoch or 0.0) + 1e-6)
 
 
 __all__ = ["PseudoQueries", "PseudoQueryRefresh", "generate_pseudo_queries", "generate_captions",
-           "PSEUDO_QUERIES_FILE"]
+           "PSEUDO_QUERIES_FILE", "REFRESH_STATE_FILE", "epoch_index"]

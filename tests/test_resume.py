@@ -1,0 +1,165 @@
+"""A resumed run is the run it resumed: every weight as saved, then the same data, crops, pseudo-queries and
+figures as the same run uninterrupted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from test_dsi_trainer import make_trainer, splits  # noqa: F401  (a fixture)
+from vit_t5_dsi import ImageIndex, model_class_for_variant
+from vit_t5_dsi.dsi_trainer import CheckpointMismatchError, load_checkpoint_weights
+from vit_t5_dsi.modeling_vit_t5_dsi import load_dsi_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Figures that are wall-clock measurements differ between any two runs; everything else must be equal.
+TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+# `train_loss` is a float sum over every step: a resumed run adds the same per-step losses grouped at another
+# boundary (the checkpoint instead of a logging step), so the last bits of the sum may differ.
+TRAIN_LOSS_TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("variant", ["cross_attention", "codebook", "dual_encoder"])
+def test_resuming_loads_every_weight_of_the_checkpoint(tmp_path, splits, tokenizer, variant):  # noqa: F811
+    trainer = make_trainer(tmp_path, splits, tokenizer, variant, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    saved = load_dsi_model(checkpoint).state_dict()
+
+    fresh = make_trainer(tmp_path / "again", splits, tokenizer, variant)
+    before = fresh.model.state_dict()
+    # the bug this guards against: the raw file's keys (the ViT's legacy names) miss the model's parameters
+    raw = fresh.model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")), strict=False)
+    assert raw.missing_keys, "the checkpoint file no longer needs key conversion: this test lost its point"
+    assert any(not torch.equal(before[k], saved[k]) for k in saved if "vision_model" in k)
+
+    fresh._load_from_checkpoint(checkpoint)
+    resumed = fresh.model.state_dict()
+    assert set(resumed) == set(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_warning(tmp_path, splits, tokenizer):  # noqa: F811
+    trainer = make_trainer(tmp_path, splits, tokenizer, "cross_attention", max_steps=1, save_strategy="steps",
+                           save_steps=1)
+    trainer.train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-1")
+    wider = model_class_for_variant("cross_attention")(tiny_config(vocab_size=200))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint-1.*of another shape"):
+        load_checkpoint_weights(wider, checkpoint)
+    dual = model_class_for_variant("dual_encoder")(tiny_config("dual_encoder"))
+    with pytest.raises(CheckpointMismatchError, match="dual_encoder model"):
+        load_checkpoint_weights(dual, checkpoint)
+
+
+def _tiny_run(output_dir, data_dir, *extra):
+    return ["--output_dir", str(output_dir), "--demo_dir", str(data_dir), "--demo_num_images", "40",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True",
+            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
+            "--logging_steps", "5", "--save_strategy", "steps", "--save_total_limit", "20", "--seed", "7",
+            "--use_cpu", "True", *extra]
+
+
+def _run(args, launcher=None, env=None):
+    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "run_dsi_image.py"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_same_results(uninterrupted_dir, resumed_dir):
+    full = json.loads((uninterrupted_dir / "all_results.json").read_text())
+    resumed = json.loads((resumed_dir / "all_results.json").read_text())
+    assert set(full) == set(resumed)
+    compared = 0
+    for key, value in full.items():
+        if key.endswith(TIMING_SUFFIXES):
+            continue
+        if key == "train_loss":
+            assert resumed[key] == pytest.approx(value, rel=TRAIN_LOSS_TOLERANCE)
+        else:
+            assert resumed[key] == value, key
+        compared += 1
+    assert compared >= 20
+    for name in ("model.safetensors",):
+        a, b = load_file(str(uninterrupted_dir / name)), load_file(str(resumed_dir / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
+    protocol = [json.loads((d / "protocol.json").read_text()) for d in (uninterrupted_dir, resumed_dir)]
+    assert protocol[0]["pseudo_queries"] == protocol[1]["pseudo_queries"]
+    if (uninterrupted_dir / "pseudo_queries.jsonl").exists():
+        assert (uninterrupted_dir / "pseudo_queries.jsonl").read_text() == \
+            (resumed_dir / "pseudo_queries.jsonl").read_text()
+
+
+def resume_from_a_copy(tmp_path, args_for, step, launcher=None, env=None):
+    """The run uninterrupted, then the same run as if killed right after checkpoint-`step` was written (its output
+    dir holds that checkpoint and a finished dense stage), resumed with --resume_from_checkpoint."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run(args_for(full), launcher, env)
+    resumed.mkdir()
+    shutil.copytree(full / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+    if (full / "dual_encoder").exists():
+        shutil.copytree(full / "dual_encoder", resumed / "dual_encoder")
+    _run(args_for(resumed) + ["--resume_from_checkpoint", str(resumed / f"checkpoint-{step}")], launcher, env)
+    assert_same_results(full, resumed)
+
+
+def test_a_resumed_run_ends_with_the_results_of_the_uninterrupted_one(tmp_path):
+    data = tmp_path / "data"
+    resume_from_a_copy(tmp_path, lambda out: _tiny_run(out, data, "--docid_scheme", "semantic", "--max_steps", "12",
+                                                       "--save_steps", "4"), step=8)
+
+
+RECIPE = ("--docid_scheme", "rq", "--dense_first", "True", "--captioning_ratio", "0.5", "--pseudo_query_epochs",
+          "1,2", "--augment", "True", "--rerank_with", "dense_first", "--per_device_train_batch_size", "64",
+          "--max_steps", "24", "--save_steps", "4")
+
+
+@pytest.mark.slow
+def test_the_recipe_resumed_between_pseudo_query_refreshes_ends_as_uninterrupted(tmp_path):
+    """Dense stage, rq ids, captioning, two pseudo-query refreshes (epochs 1 and 2, about steps 9 and 18) and
+    augmentation: resumed after the first refresh and before the second."""
+    data = tmp_path / "data"
+    resume_from_a_copy(tmp_path, lambda out: _tiny_run(out, data, *RECIPE), step=12)
+
+
+@pytest.mark.slow
+def test_a_dense_stage_killed_mid_run_resumes_to_the_same_results(tmp_path):
+    """SIGKILL while the dual encoder trains; the same command again picks the dense stage up at its last
+    checkpoint and ends with the uninterrupted run's figures."""
+    data = tmp_path / "data"
+    _run(_tiny_run(tmp_path / "full", data, *RECIPE))
+    args = _tiny_run(tmp_path / "killed", data, *RECIPE)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "killed" / "dual_encoder" / "checkpoint-8" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "dual_encoder" / "all_results.json").exists(), "killed too late"
+    _run(args)
+    assert_same_results(tmp_path / "full", tmp_path / "killed")
+
+
+@pytest.mark.slow
+def test_two_processes_resume_to_the_same_results(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    data = tmp_path / "data"
+    resume_from_a_copy(tmp_path, lambda out: _tiny_run(out, data, "--docid_scheme", "semantic", "--captioning_ratio",
+                                                       "0.5", "--pseudo_query_epochs", "1", "--augment", "True",
+                                                       "--per_device_train_batch_size", "32", "--max_steps", "12",
+                                                       "--save_steps", "4"),
+                       step=4, launcher=launcher, env={"MASTER_PORT": "29541"})
