@@ -93,6 +93,35 @@ def test_every_child_table_tier_agrees_with_a_plain_dict_trie():
         assert set(masked[row].nonzero().flatten().tolist()) == children[seq[:2]]
 
 
+def test_the_packed_trie_agrees_with_a_dict_trie_on_random_ids_of_mixed_lengths():
+    """Ids of 1-5 tokens, prefixes of one another, duplicates, wide and narrow nodes; built from lists and from a
+    padded table: every prefix allows exactly the dict trie's tokens, and a step follows exactly its edges."""
+    rng = np.random.default_rng(1)
+    sequences = [tuple(int(t) for t in rng.integers(2, 2 + rng.choice([3, 40, 300]), size=rng.integers(1, 6)))
+                 for _ in range(400)]
+    sequences += sequences[:20]  # duplicates are one id
+    children = {}
+    for seq in sequences:
+        for depth in range(len(seq) + 1):
+            children.setdefault(seq[:depth], set()).add(seq[depth] if depth < len(seq) else 1)
+    from_lists = IdTrie(sequences, eos_token_id=1, pad_token_id=0)
+    table = np.full((len(sequences), 5), -1, dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        table[row, :len(seq)] = seq
+    from_table = IdTrie.from_table(table, None, eos_token_id=1, pad_token_id=0)
+    assert from_table.num_nodes == from_lists.num_nodes == len(children)  # one node per distinct prefix
+    for trie in (from_lists, from_table):
+        prefixes = sorted(children, key=len)
+        width = max(map(len, prefixes))
+        for length in range(width + 1):
+            batch = [p for p in prefixes if len(p) == length] + [(999,) * length] if length else [()]
+            nodes = trie.walk(np.asarray([list(p) for p in batch], dtype=np.int64).reshape(len(batch), length))
+            rows, tokens = trie.allowed_tokens(nodes)
+            for row, prefix in enumerate(batch):
+                assert set(tokens[rows == row].tolist()) == children.get(prefix, {0, 1}), prefix
+    assert from_lists.nbytes < 12 * from_lists.num_nodes
+
+
 # ----- constrained generation ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
@@ -194,28 +223,108 @@ def test_duplicate_keys_rejected(tokenizer):
         ImageIndex.build(["a", "b", "a"], tokenizer, "naive")
 
 
+def test_decode_accepts_only_whole_ids_followed_by_padding(tokenizer):
+    index = build(tokenizer, "semantic")
+    eos, pad = index.eos_token_id, index.pad_token_id
+    ids = [index.token_ids[p] for p in (3, 17, 39)]
+    width = index.max_id_length + 2
+    rows = [[pad] + t + [eos] + [pad] * (width - len(t) - 1) for t in ids]
+    rows += [[pad] + ids[0] + [pad] * (width - len(ids[0])),  # no eos
+             [pad] + ids[1][:-1] + [eos] + [pad] * (width - len(ids[1])),  # a prefix of an id
+             [pad] + ids[2] + [eos, 5] + [pad] * (width - len(ids[2]) - 2),  # something after eos
+             [pad] + ids[0] + [ids[0][-1], eos] + [pad] * (width - len(ids[0]) - 2)]  # one token too many
+    assert index.decode(np.asarray(rows)).tolist() == [3, 17, 39, -1, -1, -1, -1]
+    assert index.position_of_label(ids[1] + [eos, -100, -100]) == 17 and index.position_of_label([]) == -1
+    assert index.positions_of([KEYS[5], "nope", KEYS[0]]).tolist() == [5, -1, 0]
+    assert KEYS[5] in index.keys and "nope" not in index.position_of_key and index.keys[-1] == KEYS[-1]
+    with pytest.raises(KeyError):
+        index.position_of_key["nope"]
+
+
 # ----- persistence -----------------------------------------------------------------------------------
 
-def test_index_save_load_round_trip_is_atomic(tmp_path, tokenizer):
-    index = build(tokenizer, "semantic")
+def index_files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
+def test_index_save_load_round_trip_is_atomic(tmp_path, fresh_tokenizer, scheme):
+    index = build(fresh_tokenizer, scheme)
     index.save(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["image_index.json"]  # no temp file left behind
+    files = index_files(tmp_path)  # the header and the columns it names; no temp file left behind
+    assert files[1] == "image_index.json" and files[0].startswith("image_index-") and len(files) == 2
+    header = json.loads((tmp_path / "image_index.json").read_text())
+    assert header["arrays_file"] == files[0] and header["keys"] == list(index.keys)  # a readable copy, small index
     loaded = ImageIndex.load(tmp_path)
     assert (loaded.keys, loaded.id_strings, loaded.token_ids) == (index.keys, index.id_strings, index.token_ids)
-    loaded.check_tokenizer(tokenizer)
+    assert list(loaded.id_strings) == list(index.id_strings) and loaded.max_token_id == index.max_token_id
+    assert loaded.scheme == scheme and loaded.added_tokens == index.added_tokens
+    loaded.check_tokenizer(fresh_tokenizer)
+    index.save(tmp_path)  # saving the same index again writes the same files
+    assert index_files(tmp_path) == files and json.loads((tmp_path / "image_index.json").read_text()) == header
+
+
+@pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
+def test_the_first_layout_still_loads(tmp_path, fresh_tokenizer, scheme):
+    """Checkpoints written before the columns file: every list in image_index.json."""
+    index = build(fresh_tokenizer, scheme)
+    index.record_image_paths([f"/data/{key}" if i % 3 else None for i, key in enumerate(KEYS)])
+    (tmp_path / "image_index.json").write_text(json.dumps(index.to_dict()))
+    loaded = ImageIndex.load(tmp_path)
+    assert (loaded.keys, loaded.id_strings, loaded.token_ids) == (index.keys, index.id_strings, index.token_ids)
+    assert loaded.image_root == "/data" and list(loaded.image_files) == list(index.image_files)
+    assert loaded.to_dict() == index.to_dict()
+    assert loaded.position_of_key[KEYS[7]] == 7 and loaded.labels_for(KEYS[7]) == index.token_ids[7] + [
+        index.eos_token_id]
+    loaded.save(tmp_path / "again")  # and is written in today's layout
+    assert ImageIndex.load(tmp_path / "again").to_dict() == index.to_dict()
+
+
+def test_a_large_index_header_holds_no_per_image_lists(tmp_path, fresh_tokenizer, monkeypatch):
+    import vit_t5_dsi.image_index as image_index
+
+    monkeypatch.setattr(image_index, "INLINE_LIMIT", 10)
+    index = build(fresh_tokenizer, "rq")
+    index.record_image_paths([f"/data/{key}" if i % 3 else None for i, key in enumerate(KEYS)])
+    index.save(tmp_path)
+    header = json.loads((tmp_path / "image_index.json").read_text())
+    assert not {"keys", "id_strings", "token_ids", "image_files"} & set(header)
+    assert "pieces" in header["id_string_rule"]  # rq id strings are their code tokens: nothing stored per image
+    loaded = ImageIndex.load(tmp_path)
+    assert loaded.to_dict() == index.to_dict()
+    assert loaded.image_files[0] is None and loaded.image_files[1] == f"{KEYS[1]}"
+    assert loaded.nbytes < 40 * 40 + 200
+
+
+def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokenizer):
+    build(tokenizer, "naive").save(tmp_path / "a")
+    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "b")
+    old_columns = next(p for p in (tmp_path / "a").iterdir() if p.suffix == ".safetensors")
+    new_columns = next(p for p in (tmp_path / "b").iterdir() if p.suffix == ".safetensors")
+    old_columns.rename(tmp_path / "a" / new_columns.name)
+    (tmp_path / "a" / "image_index.json").write_text((tmp_path / "b" / "image_index.json").read_text())
+    with pytest.raises(ValueError, match="come from different saves"):
+        ImageIndex.load(tmp_path / "a")
+    (tmp_path / "a" / new_columns.name).unlink()
+    with pytest.raises(ValueError, match="unreadable image index columns"):
+        ImageIndex.load(tmp_path / "a")
+    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "a")  # a new save removes stale columns
+    assert index_files(tmp_path / "a") == index_files(tmp_path / "b")
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
     index = build(tokenizer, "naive")
     index.save(tmp_path)
-    original = (tmp_path / "image_index.json").read_text()
+    original, files = (tmp_path / "image_index.json").read_text(), index_files(tmp_path)
     import vit_t5_dsi.atomic_io
 
     monkeypatch.setattr(vit_t5_dsi.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        index.save(tmp_path)
+        ImageIndex.build(KEYS[:7], tokenizer, "naive").save(tmp_path)
     assert (tmp_path / "image_index.json").read_text() == original
-    assert [p.name for p in tmp_path.iterdir()] == ["image_index.json"]
+    assert index_files(tmp_path) == files
+    monkeypatch.undo()
+    assert ImageIndex.load(tmp_path).keys == KEYS
 
 
 def test_index_with_tokens_the_tokenizer_lacks_fails_clearly(tmp_path, fresh_tokenizer, tokenizer):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from .index_arrays import lexicographic_order
+
 
 def padded_token_table(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(N, max_len) int32 table (-1 after each row's end) and the (N,) lengths of a list of token lists."""
@@ -82,7 +84,7 @@ class IdTrie:
         del inside
         # one lexicographic sort: the rows sharing a prefix are then contiguous, a shorter row before its extensions
         columns = [np.where(lengths > d, table[:, d], -1).astype(np.int32) for d in range(width)]
-        order = np.lexsort(columns[::-1])
+        order = lexicographic_order(columns)
         del columns
         sorted_lengths = lengths[order]
         token_dtype = np.uint16 if max_token < 2 ** 16 else np.int32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -11,11 +12,16 @@ import numpy as np
 import torch
 
 from .atomic_io import atomic_write, atomic_write_text
-from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, prefix_allowed_tokens_fn
+from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, padded_token_table, prefix_allowed_tokens_fn
+from .index_arrays import (IdStrings, KeyColumn, KeyPositions, StringColumn, TokenRows, TokenTable,
+                           check_row_order)
 from .residual_quantization import residual_quantize
 from .semantic_ids import hierarchical_kmeans_ids
 
-INDEX_FILE_NAME = "image_index.json"
+INDEX_FILE_NAME = "image_index.json"  # the header (and, up to INLINE_LIMIT images, a readable copy of the lists)
+ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # the per-image columns it names
+INDEX_FORMAT, INDEX_FORMAT_VERSION = "vit-t5-dsi image index", 2
+INLINE_LIMIT = 10_000
 EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
 # what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
 HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download")
@@ -55,18 +61,40 @@ class ImageIndex:
     `token_ids` exclude eos (the trie and `labels_for` add it). Positions (0..N-1) are the index's own ids.
     `embeddings` (N, d), when set, are the indexed images' dense embeddings (the dual encoder's search index);
     they are saved and loaded with the identifiers, so one object owns everything a model searches over.
+
+    Everything per image lives in numpy columns (`index_arrays`): keys as one fixed-width bytes array plus its
+    sort order, token ids column by column in the smallest dtype that fits, id strings derived from a rule
+    (or stored as one byte buffer). `keys`, `id_strings`, `token_ids` and `position_of_key` are read-only views
+    over them that behave like the lists and dict they used to be.
     """
 
     def __init__(self, keys: Sequence[str], id_strings: Sequence[str], token_ids: Sequence[Sequence[int]],
                  scheme: str, eos_token_id: int, pad_token_id: int, added_tokens: Sequence[str] = (),
                  embeddings: torch.Tensor | None = None, scheme_info: dict | None = None):
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
         if not (len(keys) == len(id_strings) == len(token_ids)):
             raise ValueError("keys, id_strings and token_ids must have one entry per image.")
-        self.keys = [str(k) for k in keys]
-        self.id_strings = list(id_strings)
-        self.token_ids = [list(map(int, t)) for t in token_ids]
+        key_column = keys if isinstance(keys, KeyColumn) else KeyColumn.from_strings(keys)
+        if isinstance(token_ids, TokenRows):
+            tokens = token_ids._tokens
+        else:
+            table, lengths = padded_token_table(token_ids) if len(token_ids) else (np.zeros((0, 0), np.int32),
+                                                                                    np.zeros(0, np.int64))
+            tokens = TokenTable.from_table(table, lengths)
+        if isinstance(id_strings, IdStrings):
+            strings = IdStrings(len(tokens), tokens, id_strings.template, id_strings.pieces, id_strings.column)
+        else:
+            strings = IdStrings.infer(id_strings, token_ids, tokens, templates=("{}", ATOMIC_TOKEN))
+        self._setup(key_column, tokens, strings, scheme, eos_token_id, pad_token_id, added_tokens, embeddings,
+                    scheme_info)
+
+    def _setup(self, keys: KeyColumn, tokens: TokenTable, id_strings: IdStrings, scheme: str, eos_token_id: int,
+               pad_token_id: int, added_tokens: Sequence[str], embeddings, scheme_info, source: str | None = None
+               ) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+        if not (len(keys) == len(tokens) == len(id_strings)):
+            raise ValueError("keys, id_strings and token_ids must have one entry per image.")
+        self._keys, self._tokens, self._id_strings = keys, tokens, id_strings
         self.scheme = scheme
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
         self.added_tokens = list(added_tokens)
@@ -75,20 +103,54 @@ class ImageIndex:
         self.code_vectors: dict[int, np.ndarray] = {}  # rq, when just built: token id -> its code's vector
         # where each image's file was when the collection was indexed (see `record_image_paths`)
         self.image_root: str | None = None
-        self.image_files: list[str | None] | None = None
-        self.position_of_key = {}
-        for position, key in enumerate(self.keys):
-            if key in self.position_of_key:
-                raise ValueError(f"Duplicate image key {key!r} in the image index.")
-            self.position_of_key[key] = position
-        self.position_of_tokens = {}
-        for position, tokens in enumerate(self.token_ids):
-            previous = self.position_of_tokens.setdefault(tuple(tokens), position)
-            if previous != position:
-                raise ValueError(
-                    f"Images {self.keys[previous]!r} and {self.keys[position]!r} got the same identifier tokens "
-                    f"{tokens} (ids {self.id_strings[previous]!r}, {self.id_strings[position]!r}): the tokenizer "
-                    "cannot tell these identifiers apart.")
+        self.image_files: Sequence[str | None] | None = None
+        self._max_token_id = tokens.max_token() if len(tokens) else -1
+        for d, (column, base) in enumerate(zip(tokens.columns, tokens.bases)):
+            if 0 <= self.eos_token_id - base <= np.iinfo(column.dtype).max and bool(
+                    ((column == self.eos_token_id - base) & (tokens.lengths > d)).any()):
+                raise ValueError("An identifier contains the eos token; eos may only end it.")
+        duplicate = tokens.first_duplicate() if len(tokens) > 1 else None
+        if duplicate is not None:
+            previous, position = duplicate
+            raise ValueError(
+                f"{source + ': ' if source else ''}Images {keys[previous]!r} and {keys[position]!r} got the same "
+                f"identifier tokens {tokens.row(position)} (ids {id_strings[previous]!r}, {id_strings[position]!r}): "
+                "the tokenizer cannot tell these identifiers apart.")
+
+    # ----- the per-image columns, as the lists and dict they used to be -----------------------------------
+    @property
+    def keys(self) -> KeyColumn:
+        """Image keys in position order (a read-only sequence of str; `list(index.keys)` for a real list)."""
+        return self._keys
+
+    @property
+    def id_strings(self) -> IdStrings:
+        return self._id_strings
+
+    @property
+    def token_ids(self) -> TokenRows:
+        """Each image's identifier tokens (without eos), a read-only sequence of lists."""
+        return TokenRows(self._tokens)
+
+    @property
+    def position_of_key(self) -> KeyPositions:
+        """key -> position (a read-only mapping answered by binary search; KeyError for an unknown key)."""
+        return KeyPositions(self._keys)
+
+    def token_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N, max_len) int32 token ids (-1 past each id's end) and the (N,) id lengths, eos not included."""
+        return self._tokens.table(), self._tokens.lengths
+
+    def positions_of(self, keys) -> np.ndarray:
+        """Position of each key (-1 for a key the index does not hold), vectorised."""
+        return self._keys.positions(keys)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the per-image columns (keys, tokens, id strings, image files; embeddings excluded)."""
+        files = self.image_files.nbytes if isinstance(self.image_files, StringColumn) else 0
+        return (self._keys.values.nbytes + self._keys.order.nbytes + self._tokens.nbytes + self._id_strings.nbytes
+                + files)
 
     # ----- construction ----------------------------------------------------------------------------
     @classmethod
@@ -173,58 +235,69 @@ class ImageIndex:
 
     # ----- lookups ---------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     @property
     def max_token_id(self) -> int:
-        return max(max(t) for t in self.token_ids)
+        return self._max_token_id
 
     @property
     def max_id_length(self) -> int:
         """Longest identifier in tokens, eos included."""
-        return max(len(t) for t in self.token_ids) + 1
+        return self._tokens.width + 1
 
     def labels_for(self, key: str) -> list[int]:
-        return self.token_ids[self.position_of_key[str(key)]] + [self.eos_token_id]
+        return self._tokens.row(self.position_of_key[str(key)]) + [self.eos_token_id]
 
     def decode(self, sequences: torch.Tensor | np.ndarray, num_start_tokens: int = 1) -> np.ndarray:
         """Index position of each generated row (start token first); -1 for anything that is not an identifier."""
         sequences = np.asarray(sequences.cpu() if isinstance(sequences, torch.Tensor) else sequences)
-        positions = np.full(len(sequences), -1, dtype=np.int64)
-        for row, tokens in enumerate(sequences[:, num_start_tokens:].tolist()):
-            positions[row] = self.position_of_label(tokens)
-        return positions
+        return self._positions_of_labels(sequences.reshape(len(sequences), -1)[:, num_start_tokens:])
+
+    def _positions_of_labels(self, rows: np.ndarray) -> np.ndarray:
+        """Vectorised `position_of_label` over the rows of a 2-D array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape[1] == 0 or len(self) == 0:
+            return np.full(len(rows), -1, dtype=np.int64)
+        is_eos = rows == self.eos_token_id
+        has_eos = is_eos.any(1)
+        end = is_eos.argmax(1)
+        after = np.arange(rows.shape[1])[None, :] > end[:, None]
+        filler = (rows == self.pad_token_id) | (rows == -100) | is_eos
+        clean = has_eos & ~(after & ~filler).any(1)
+        positions = self._tokens.find(rows, np.where(clean, end, 0))
+        return np.where(clean, positions, -1)
 
     def position_of_label(self, tokens: Sequence[int]) -> int:
         """Position of a token row that must end with eos (then pad / -100 / nothing); -1 otherwise."""
         tokens = list(tokens)
-        if self.eos_token_id not in tokens:
+        if not tokens:
             return -1
-        end = tokens.index(self.eos_token_id)
-        if any(t not in (self.pad_token_id, -100, self.eos_token_id) for t in tokens[end + 1:]):
-            return -1
-        return self.position_of_tokens.get(tuple(tokens[:end]), -1)
+        return int(self._positions_of_labels(np.asarray([tokens], dtype=np.int64))[0])
 
     def embeddings_for(self, keys: Sequence[str]) -> torch.Tensor:
         """This index's embeddings in the order of `keys` (another index's images); a ValueError names the keys
         it has no embedding for."""
         if self.embeddings is None:
             raise ValueError(f"This image index has no embeddings ({EMBEDDINGS_FILE_NAME}).")
-        missing = [key for key in keys if key not in self.position_of_key]
-        if missing:
-            raise ValueError(f"no embedding for {len(missing)} of the {len(keys)} indexed images (e.g. {missing[:3]})")
-        return self.embeddings[torch.as_tensor([self.position_of_key[key] for key in keys], dtype=torch.long)]
+        positions = self.positions_of(keys)
+        missing = np.flatnonzero(positions < 0)
+        if len(missing):
+            raise ValueError(f"no embedding for {len(missing)} of the {len(keys)} indexed images (e.g. "
+                             f"{[keys[int(i)] for i in missing[:3]]})")
+        return self.embeddings[torch.from_numpy(positions)]
 
     def identifier_only_token_ids(self, caption_token_ids) -> list[int]:
         """Tokens that identifiers use and no caption does (`caption_token_ids`: the tokenized training captions):
         what a caption must never contain, so the caption decoder cannot write an identifier."""
         in_captions = {int(t) for ids in caption_token_ids for t in ids}
-        return sorted({t for ids in self.token_ids for t in ids} - in_captions)
+        return sorted(set(self._tokens.used_tokens().tolist()) - in_captions)
 
     # ----- the decoding constraint -----------------------------------------------------------------
     @cached_property
     def trie(self) -> IdTrie:
-        return IdTrie(self.token_ids, self.eos_token_id, self.pad_token_id)
+        table, lengths = self.token_table()
+        return IdTrie.from_table(table, lengths, self.eos_token_id, self.pad_token_id)
 
     # ----- image files -----------------------------------------------------------------------------
     def record_image_paths(self, paths: Sequence[str | None]) -> None:
@@ -256,15 +329,41 @@ class ImageIndex:
 
     # ----- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The identifiers as JSON-able data (embeddings travel separately, as tensors)."""
+        """The identifiers as JSON-able data, today's and the first layout of `image_index.json` (embeddings
+        travel separately, as tensors). Builds Python lists of everything: for small indexes and messages."""
         return {"scheme": self.scheme, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-                "added_tokens": self.added_tokens, "scheme_info": self.scheme_info, "keys": self.keys,
-                "id_strings": self.id_strings, "token_ids": self.token_ids,
-                **({"image_root": self.image_root, "image_files": self.image_files} if self.image_files else {})}
+                "added_tokens": self.added_tokens, "scheme_info": self.scheme_info, "keys": list(self.keys),
+                "id_strings": list(self.id_strings), "token_ids": list(self.token_ids),
+                **({"image_root": self.image_root, "image_files": list(self.image_files)}
+                   if self.image_files is not None else {})}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        keys = self._keys.values
+        arrays = {"keys": np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize),
+                  "key_order": self._keys.order.astype(np.int32),
+                  "token_lengths": self._tokens.lengths, "token_order": self._tokens.order.astype(np.int32)}
+        for d, column in enumerate(self._tokens.columns):
+            arrays[f"token_column_{d}"] = column
+        strings = self._id_strings.column
+        if strings is not None:
+            arrays["id_string_bytes"], arrays["id_string_offsets"] = strings.data, strings.offsets
+        if self.image_files is not None:
+            files = (self.image_files if isinstance(self.image_files, StringColumn)
+                     else StringColumn.from_strings(self.image_files))
+            arrays["image_file_bytes"], arrays["image_file_offsets"] = files.data, files.offsets
+            if files.present is not None:
+                arrays["image_file_present"] = files.present.astype(np.uint8)
+        return {name: np.ascontiguousarray(value) for name, value in arrays.items()}
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write `image_index.json` (and `image_embeddings.safetensors` when there are embeddings) atomically:
-        a crash never leaves half an index. A stale embeddings file from an earlier save is removed."""
+        """Write the index: its per-image columns to `image_index-<digest>.safetensors`, then the header that names
+        that file, `image_index.json` (with a readable copy of the lists, today's first layout, for indexes of up
+        to `INLINE_LIMIT` images), and `image_embeddings.safetensors` when there are embeddings. Every file is
+        written atomically and the header last, so a crash never leaves a header without its columns; columns
+        files of earlier saves are removed after. A stale embeddings file from an earlier save is removed."""
+        from safetensors.numpy import save_file as save_arrays
+
+        directory = os.fspath(directory)
         embeddings_path = os.path.join(directory, EMBEDDINGS_FILE_NAME)
         if self.embeddings is not None:
             from safetensors.torch import save_file
@@ -275,11 +374,35 @@ class ImageIndex:
             atomic_write(embeddings_path, lambda tmp: save_file({"image_embeddings": tensor}, tmp))
         elif os.path.exists(embeddings_path):
             os.unlink(embeddings_path)
-        return atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), json.dumps(self.to_dict()))
+        arrays = self._arrays()
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            digest.update(f"{name}:{arrays[name].dtype.str}:{arrays[name].shape};".encode())
+            digest.update(memoryview(arrays[name]).cast("B"))
+        digest = digest.hexdigest()
+        arrays_name = f"{ARRAYS_FILE_PREFIX}{digest[:16]}{ARRAYS_FILE_SUFFIX}"
+        atomic_write(os.path.join(directory, arrays_name),
+                     lambda tmp: save_arrays(arrays, tmp, metadata={"digest": digest}))
+        header = {"format": INDEX_FORMAT, "version": INDEX_FORMAT_VERSION, "arrays_file": arrays_name,
+                  "digest": digest, "num_images": len(self), "scheme": self.scheme,
+                  "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                  "added_tokens": self.added_tokens, "scheme_info": self.scheme_info,
+                  "token_column_bases": self._tokens.bases, "id_string_rule": self._id_strings.rule(),
+                  **({"image_root": self.image_root} if self.image_files is not None else {})}
+        if len(self) <= INLINE_LIMIT:
+            inline = self.to_dict()
+            header.update({name: inline[name] for name in ("keys", "id_strings", "token_ids", "image_files")
+                           if name in inline})
+        path = atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), json.dumps(header))
+        for name in os.listdir(directory):
+            if name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX) and name != arrays_name:
+                os.unlink(os.path.join(directory, name))
+        return path
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
                   ) -> "ImageIndex":
+        """From the lists of `to_dict` (the first layout of `image_index.json`)."""
         try:
             index = cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
                         data["pad_token_id"], data.get("added_tokens", []), embeddings,
@@ -296,11 +419,60 @@ class ImageIndex:
         return index
 
     @classmethod
-    def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None) -> "ImageIndex":
-        """From `image_index.json` (or the directory holding it); a corrupt file is an error naming it."""
-        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else os.fspath(path)
-        if embeddings_path is None and os.path.exists(os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)):
-            embeddings_path = os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)
+    def from_arrays(cls, header: dict, arrays_path: str | os.PathLike, source: str = "image index",
+                    embeddings: torch.Tensor | None = None) -> "ImageIndex":
+        """From a header (`image_index.json`) and its columns file: numpy reads, no Python loop per image."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(os.fspath(arrays_path), framework="np") as f:
+                stored_digest = (f.metadata() or {}).get("digest")
+                arrays = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{arrays_path}: unreadable image index columns ({err}).") from err
+        if stored_digest != header.get("digest"):
+            raise ValueError(f"{source} and {arrays_path} come from different saves (digest {header.get('digest')} "
+                             f"vs {stored_digest}).")
+        try:
+            count = int(header["num_images"])
+            raw = arrays["keys"]
+            keys = KeyColumn(np.ascontiguousarray(raw).view(f"S{max(1, raw.shape[1])}").reshape(len(raw))
+                             if raw.shape[1] else np.zeros(len(raw), dtype="S1"), arrays["key_order"])
+            bases = header["token_column_bases"]
+            tokens = TokenTable([arrays[f"token_column_{d}"] for d in range(len(bases))], bases,
+                                arrays["token_lengths"])
+            tokens._order = arrays["token_order"]
+            rule = header["id_string_rule"]
+            column = None
+            if "stored" in rule:
+                column = StringColumn(arrays["id_string_bytes"], arrays["id_string_offsets"])
+                column.check(count, source)
+            pieces = {int(t): p for t, p in rule["pieces"].items()} if "pieces" in rule else None
+            id_strings = IdStrings(count, tokens, rule.get("template"), pieces, column)
+        except KeyError as err:
+            raise ValueError(f"{source}: image index is missing the field {err.args[0]!r}.") from err
+        if not (len(keys) == len(keys.order) == len(tokens) == len(tokens.order) == count) or any(
+                len(c) != count for c in tokens.columns):
+            raise ValueError(f"{source}: the index columns do not hold {count} images each.")
+        if count and int(tokens.lengths.min()) < 1:
+            raise ValueError(f"{source}: an identifier has no tokens.")
+        keys.check_sorted(source)
+        check_row_order(tokens.padded_columns(), tokens.order, source)
+        index = cls.__new__(cls)
+        index._setup(keys, tokens, id_strings, header["scheme"], header["eos_token_id"], header["pad_token_id"],
+                     header.get("added_tokens", []), embeddings, header.get("scheme_info"), source)
+        if "image_file_bytes" in arrays:
+            present = arrays.get("image_file_present")
+            files = StringColumn(arrays["image_file_bytes"], arrays["image_file_offsets"],
+                                 present.astype(bool) if present is not None else None)
+            files.check(count, source)
+            if not isinstance(header.get("image_root"), str):
+                raise ValueError(f"{source}: image_files must list one path per image, with image_root.")
+            index.image_root, index.image_files = header["image_root"], files
+        return index
+
+    @staticmethod
+    def _read_header(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
@@ -308,6 +480,22 @@ class ImageIndex:
                 raise ValueError(f"{path}: the image index is not valid JSON ({err}).") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the image index is not a JSON object.")
+        if "format" in data and data.get("format") != INDEX_FORMAT or int(data.get("version", 1)) > \
+                INDEX_FORMAT_VERSION:
+            raise ValueError(f"{path}: an image index of format {data.get('format')!r} version "
+                             f"{data.get('version')}; this code reads {INDEX_FORMAT!r} up to version "
+                             f"{INDEX_FORMAT_VERSION} (load the checkpoint with its own code).")
+        return data
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None,
+             arrays_path: str | os.PathLike | None = None) -> "ImageIndex":
+        """From `image_index.json` (or the directory holding it) and the columns file it names, or from the
+        first layout (every list in the JSON file); a corrupt file is an error naming it."""
+        path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else os.fspath(path)
+        if embeddings_path is None and os.path.exists(os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)):
+            embeddings_path = os.path.join(os.path.dirname(path), EMBEDDINGS_FILE_NAME)
+        data = cls._read_header(path)
         embeddings = None
         if embeddings_path is not None:
             from safetensors import SafetensorError
@@ -317,7 +505,14 @@ class ImageIndex:
                 embeddings = load_file(embeddings_path)["image_embeddings"]
             except (SafetensorError, KeyError, OSError) as err:
                 raise ValueError(f"{embeddings_path}: unreadable image embeddings ({err}).") from err
-        index = cls.from_dict(data, path, embeddings)
+        if "format" in data:
+            if not isinstance(data.get("arrays_file"), str) or os.path.basename(data["arrays_file"]) != \
+                    data["arrays_file"]:
+                raise ValueError(f"{path}: the image index header names no columns file.")
+            arrays_path = arrays_path or os.path.join(os.path.dirname(path), data["arrays_file"])
+            index = cls.from_arrays(data, arrays_path, path, embeddings)
+        else:
+            index = cls.from_dict(data, path, embeddings)
         if embeddings is not None and len(embeddings) != len(index):
             raise ValueError(f"{embeddings_path}: {len(embeddings)} embeddings for the {len(index)} images of {path}.")
         return index
@@ -333,7 +528,13 @@ class ImageIndex:
         index_path = checkpoint_file(name_or_path, INDEX_FILE_NAME, **options)
         if index_path is None:
             return None
-        return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options))
+        header = cls._read_header(index_path)
+        arrays_path = None
+        if "format" in header and isinstance(header.get("arrays_file"), str):
+            arrays_path = checkpoint_file(name_or_path, header["arrays_file"], **options)
+            if arrays_path is None:
+                raise ValueError(f"{index_path}: the image index columns {header['arrays_file']!r} are missing.")
+        return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options), arrays_path)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         if self.max_token_id >= vocab_size:
