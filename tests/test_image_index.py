@@ -247,58 +247,69 @@ def index_files(directory):
     return sorted(p.name for p in directory.iterdir())
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
-def test_index_save_load_round_trip_is_atomic(tmp_path, fresh_tokenizer, scheme):
+def test_index_save_load_round_trip_is_atomic(tmp_path, fresh_tokenizer, scheme, columns):
     index = build(fresh_tokenizer, scheme)
-    index.save(tmp_path)
-    files = index_files(tmp_path)  # the header and the columns it names; no temp file left behind
-    assert files[1] == "image_index.json" and files[0].startswith("image_index-") and len(files) == 2
+    index.record_image_paths([f"/data/{key}" if i % 3 else None for i, key in enumerate(KEYS)])
+    index.save(tmp_path, columns=columns)
+    files = index_files(tmp_path)  # no temp file left behind
     header = json.loads((tmp_path / "image_index.json").read_text())
-    assert header["arrays_file"] == files[0] and header["keys"] == list(index.keys)  # a readable copy, small index
+    if columns:  # a small header naming the columns file; nothing per image in it
+        assert files[1] == "image_index.json" and files[0].startswith("image_index-") and len(files) == 2
+        assert header["arrays_file"] == files[0] and not {"keys", "id_strings", "token_ids", "image_files"} & set(
+            header)
+    else:  # the first layout: every list in one JSON file
+        assert files == ["image_index.json"] and header == index.to_dict()
     loaded = ImageIndex.load(tmp_path)
     assert (loaded.keys, loaded.id_strings, loaded.token_ids) == (index.keys, index.id_strings, index.token_ids)
-    assert list(loaded.id_strings) == list(index.id_strings) and loaded.max_token_id == index.max_token_id
-    assert loaded.scheme == scheme and loaded.added_tokens == index.added_tokens
+    assert loaded.to_dict() == index.to_dict() and loaded.max_token_id == index.max_token_id
+    assert loaded.image_files[0] is None and loaded.image_files[1] == KEYS[1]
     loaded.check_tokenizer(fresh_tokenizer)
-    index.save(tmp_path)  # saving the same index again writes the same files
+    index.save(tmp_path, columns=columns)  # saving the same index again writes the same files
     assert index_files(tmp_path) == files and json.loads((tmp_path / "image_index.json").read_text()) == header
+    index.save(tmp_path, columns=not columns)  # the other layout replaces this one, stale columns included
+    assert len(index_files(tmp_path)) == (1 if columns else 2)
+    assert ImageIndex.load(tmp_path).to_dict() == index.to_dict()
 
 
 @pytest.mark.parametrize("scheme", ["naive", "atomic", "semantic", "rq"])
 def test_the_first_layout_still_loads(tmp_path, fresh_tokenizer, scheme):
-    """Checkpoints written before the columns file: every list in image_index.json."""
+    """Checkpoints written before the columns file: every list in image_index.json (what `to_dict` writes)."""
     index = build(fresh_tokenizer, scheme)
     index.record_image_paths([f"/data/{key}" if i % 3 else None for i, key in enumerate(KEYS)])
-    (tmp_path / "image_index.json").write_text(json.dumps(index.to_dict()))
+    layout = {"scheme": scheme, "eos_token_id": index.eos_token_id, "pad_token_id": index.pad_token_id,
+              "added_tokens": index.added_tokens, "scheme_info": index.scheme_info, "keys": list(KEYS),
+              "id_strings": [index.id_strings[i] for i in range(len(KEYS))],
+              "token_ids": [index.token_ids[i] for i in range(len(KEYS))], "image_root": "/data",
+              "image_files": [f"{key}" if i % 3 else None for i, key in enumerate(KEYS)]}
+    (tmp_path / "image_index.json").write_text(json.dumps(layout))
     loaded = ImageIndex.load(tmp_path)
     assert (loaded.keys, loaded.id_strings, loaded.token_ids) == (index.keys, index.id_strings, index.token_ids)
-    assert loaded.image_root == "/data" and list(loaded.image_files) == list(index.image_files)
-    assert loaded.to_dict() == index.to_dict()
-    assert loaded.position_of_key[KEYS[7]] == 7 and loaded.labels_for(KEYS[7]) == index.token_ids[7] + [
+    assert loaded.image_root == "/data" and list(loaded.image_files) == layout["image_files"]
+    assert loaded.to_dict() == layout
+    assert loaded.position_of_key[KEYS[7]] == 7 and loaded.labels_for(KEYS[7]) == layout["token_ids"][7] + [
         index.eos_token_id]
-    loaded.save(tmp_path / "again")  # and is written in today's layout
-    assert ImageIndex.load(tmp_path / "again").to_dict() == index.to_dict()
+    loaded.save(tmp_path / "again", columns=True)  # and is written in today's layout
+    assert ImageIndex.load(tmp_path / "again").to_dict() == layout
 
 
-def test_a_large_index_header_holds_no_per_image_lists(tmp_path, fresh_tokenizer, monkeypatch):
+def test_a_large_index_is_saved_as_columns(tmp_path, fresh_tokenizer, monkeypatch):
     import vit_t5_dsi.image_index as image_index
 
-    monkeypatch.setattr(image_index, "INLINE_LIMIT", 10)
+    monkeypatch.setattr(image_index, "JSON_LIMIT", 10)
     index = build(fresh_tokenizer, "rq")
-    index.record_image_paths([f"/data/{key}" if i % 3 else None for i, key in enumerate(KEYS)])
     index.save(tmp_path)
     header = json.loads((tmp_path / "image_index.json").read_text())
-    assert not {"keys", "id_strings", "token_ids", "image_files"} & set(header)
     assert "pieces" in header["id_string_rule"]  # rq id strings are their code tokens: nothing stored per image
     loaded = ImageIndex.load(tmp_path)
     assert loaded.to_dict() == index.to_dict()
-    assert loaded.image_files[0] is None and loaded.image_files[1] == f"{KEYS[1]}"
-    assert loaded.nbytes < 40 * 40 + 200
+    assert loaded.nbytes < 40 * 40
 
 
 def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokenizer):
-    build(tokenizer, "naive").save(tmp_path / "a")
-    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "b")
+    build(tokenizer, "naive").save(tmp_path / "a", columns=True)
+    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "b", columns=True)
     old_columns = next(p for p in (tmp_path / "a").iterdir() if p.suffix == ".safetensors")
     new_columns = next(p for p in (tmp_path / "b").iterdir() if p.suffix == ".safetensors")
     old_columns.rename(tmp_path / "a" / new_columns.name)
@@ -308,7 +319,7 @@ def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokeni
     (tmp_path / "a" / new_columns.name).unlink()
     with pytest.raises(ValueError, match="unreadable image index columns"):
         ImageIndex.load(tmp_path / "a")
-    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "a")  # a new save removes stale columns
+    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "a", columns=True)
     assert index_files(tmp_path / "a") == index_files(tmp_path / "b")
 
 
@@ -319,8 +330,9 @@ def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
     import vit_t5_dsi.atomic_io
 
     monkeypatch.setattr(vit_t5_dsi.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
-        ImageIndex.build(KEYS[:7], tokenizer, "naive").save(tmp_path)
+    for columns in (False, True):
+        with pytest.raises(OSError):
+            ImageIndex.build(KEYS[:7], tokenizer, "naive").save(tmp_path, columns=columns)
     assert (tmp_path / "image_index.json").read_text() == original
     assert index_files(tmp_path) == files
     monkeypatch.undo()
@@ -628,3 +640,42 @@ def test_rq_code_tokens_start_at_their_codes_vectors(fresh_tokenizer, dim):
     assert torch.equal(model.get_output_embeddings().weight[rows], weight[rows])  # tied: the output rows too
     loaded = ImageIndex.from_dict(index.to_dict())
     assert loaded.initialise_code_embeddings(model) == 0  # a loaded index never re-initialises trained rows
+
+
+REMOTE_COLUMNS_LOAD = """
+import sys
+sys.modules["vit_t5_dsi"] = None  # the package cannot be imported: only the checkpoint's own code runs
+import torch
+from transformers import AutoModelForSeq2SeqLM
+model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+index = model.image_index
+out = model.generate(pixel_values=torch.randn(2, 3, 32, 32), num_beams=4, num_return_sequences=4,
+                     max_new_tokens=index.max_id_length, logits_processor=[index.logits_processor()])
+positions = index.decode(out).reshape(2, 4)
+assert (positions >= 0).all() and all(len(set(row)) == 4 for row in positions.tolist()), positions
+assert index.keys[int(positions[0, 0])] in index.keys and "index_arrays" in type(index.keys).__module__
+print("OK", len(index), index.id_strings[3])
+"""
+
+
+def test_a_columns_index_loads_with_the_checkpoints_own_code(tmp_path, fresh_tokenizer, monkeypatch):
+    """The columns module travels flat with the checkpoint (remote code) and loads without the package."""
+    import subprocess
+    import sys
+
+    import vit_t5_dsi.image_index as image_index
+
+    monkeypatch.setattr(image_index, "JSON_LIMIT", 0)
+    index = build(fresh_tokenizer, "rq")
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer))).eval()
+    index.resize_model_embeddings(model)
+    model.image_index = index
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "index_arrays.py").exists() and "arrays_file" in json.loads(
+        (tmp_path / "image_index.json").read_text())
+    script = tmp_path / "load.py"
+    script.write_text(REMOTE_COLUMNS_LOAD)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK 40 {index.id_strings[3]}" in result.stdout

@@ -18,10 +18,12 @@ from .index_arrays import (IdStrings, KeyColumn, KeyPositions, StringColumn, Tok
 from .residual_quantization import residual_quantize
 from .semantic_ids import hierarchical_kmeans_ids
 
-INDEX_FILE_NAME = "image_index.json"  # the header (and, up to INLINE_LIMIT images, a readable copy of the lists)
-ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # the per-image columns it names
+INDEX_FILE_NAME = "image_index.json"  # the whole index (up to JSON_LIMIT images), else a header naming its columns
+ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # the per-image columns (larger indexes)
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "vit-t5-dsi image index", 2
-INLINE_LIMIT = 10_000
+# Up to this many images an index is saved as one JSON file of lists (the first layout: readable, and loadable by
+# older code); above it, as a small JSON header plus a safetensors file of columns (~30 bytes per image).
+JSON_LIMIT = 10_000
 EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
 # what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
 HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download")
@@ -199,6 +201,42 @@ class ImageIndex:
                                   for name, vector in codes.code_vectors().items() if name in added}
         return index
 
+    @classmethod
+    def from_token_table(cls, keys: Sequence[str] | np.ndarray, token_table: np.ndarray,
+                         lengths: np.ndarray | None = None, *, scheme: str, eos_token_id: int, pad_token_id: int,
+                         id_strings: Sequence[str] | None = None, id_string_pieces: dict[int, str] | None = None,
+                         added_tokens: Sequence[str] = (), embeddings: torch.Tensor | None = None,
+                         scheme_info: dict | None = None) -> "ImageIndex":
+        """Catalogue-scale construction from arrays, with no Python object per image: `keys` as strings or a
+        fixed-width bytes array (UTF-8), `token_table` (N, max_len) with row i's tokens in its first `lengths[i]`
+        cells (without lengths: up to its first negative cell). Id strings are either given, or each id is the
+        concatenation of its tokens' strings (`id_string_pieces`, as for rq ids), or (neither) the position."""
+        token_table = np.asarray(token_table)
+        if lengths is None:
+            negative = token_table < 0
+            lengths = np.where(negative.any(1), negative.argmax(1), token_table.shape[1])
+        if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":
+            key_column = KeyColumn(keys)
+            key_column.check_distinct()
+        else:
+            key_column = KeyColumn.from_strings(keys)
+        if len(key_column) != len(token_table):
+            raise ValueError("keys, id_strings and token_ids must have one entry per image.")
+        tokens = TokenTable.from_table(token_table, lengths)
+        if id_strings is not None:
+            strings = IdStrings.infer(id_strings, TokenRows(tokens), tokens, templates=("{}", ATOMIC_TOKEN))
+        elif id_string_pieces is not None:
+            missing = np.setdiff1d(tokens.used_tokens(), np.fromiter(id_string_pieces, dtype=np.int64))
+            if len(missing):
+                raise ValueError(f"id_string_pieces has no string for the tokens {missing[:5].tolist()}.")
+            strings = IdStrings(len(tokens), tokens, pieces={int(t): str(p) for t, p in id_string_pieces.items()})
+        else:
+            strings = IdStrings(len(tokens), tokens, template="{}")
+        index = cls.__new__(cls)
+        index._setup(key_column, tokens, strings, scheme, eos_token_id, pad_token_id, added_tokens, embeddings,
+                     scheme_info)
+        return index
+
     @staticmethod
     def _tokenize(tokenizer, id_strings: Sequence[str]) -> list[list[int]]:
         return tokenizer(list(id_strings), add_special_tokens=False)["input_ids"]
@@ -355,15 +393,16 @@ class ImageIndex:
                 arrays["image_file_present"] = files.present.astype(np.uint8)
         return {name: np.ascontiguousarray(value) for name, value in arrays.items()}
 
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write the index: its per-image columns to `image_index-<digest>.safetensors`, then the header that names
-        that file, `image_index.json` (with a readable copy of the lists, today's first layout, for indexes of up
-        to `INLINE_LIMIT` images), and `image_embeddings.safetensors` when there are embeddings. Every file is
-        written atomically and the header last, so a crash never leaves a header without its columns; columns
-        files of earlier saves are removed after. A stale embeddings file from an earlier save is removed."""
-        from safetensors.numpy import save_file as save_arrays
+    def save(self, directory: str | os.PathLike, columns: bool | None = None) -> str:
+        """Write `image_index.json` (and `image_embeddings.safetensors` when there are embeddings) atomically:
+        a crash never leaves half an index. A stale embeddings file from an earlier save is removed.
 
+        `columns` (default: above `JSON_LIMIT` images) writes the per-image data to a safetensors file named by
+        its content digest, `image_index-<digest>.safetensors`, before the header that names it, so a crash
+        between the two leaves the earlier header with its own columns; columns files of earlier saves are
+        removed after. Otherwise the whole index is the JSON file (lists, the first layout)."""
         directory = os.fspath(directory)
+        columns = len(self) > JSON_LIMIT if columns is None else columns
         embeddings_path = os.path.join(directory, EMBEDDINGS_FILE_NAME)
         if self.embeddings is not None:
             from safetensors.torch import save_file
@@ -374,30 +413,35 @@ class ImageIndex:
             atomic_write(embeddings_path, lambda tmp: save_file({"image_embeddings": tensor}, tmp))
         elif os.path.exists(embeddings_path):
             os.unlink(embeddings_path)
+        arrays_name = self._save_columns(directory) if columns else None
+        text = json.dumps(self._header(arrays_name) if columns else self.to_dict())
+        path = atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), text)
+        for name in os.listdir(directory):
+            if name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX) and name != arrays_name:
+                os.unlink(os.path.join(directory, name))
+        return path
+
+    def _save_columns(self, directory: str) -> str:
+        from safetensors.numpy import save_file
+
         arrays = self._arrays()
         digest = hashlib.sha256()
         for name in sorted(arrays):
             digest.update(f"{name}:{arrays[name].dtype.str}:{arrays[name].shape};".encode())
             digest.update(memoryview(arrays[name]).cast("B"))
-        digest = digest.hexdigest()
-        arrays_name = f"{ARRAYS_FILE_PREFIX}{digest[:16]}{ARRAYS_FILE_SUFFIX}"
+        self._digest = digest.hexdigest()
+        arrays_name = f"{ARRAYS_FILE_PREFIX}{self._digest[:16]}{ARRAYS_FILE_SUFFIX}"
         atomic_write(os.path.join(directory, arrays_name),
-                     lambda tmp: save_arrays(arrays, tmp, metadata={"digest": digest}))
-        header = {"format": INDEX_FORMAT, "version": INDEX_FORMAT_VERSION, "arrays_file": arrays_name,
-                  "digest": digest, "num_images": len(self), "scheme": self.scheme,
-                  "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-                  "added_tokens": self.added_tokens, "scheme_info": self.scheme_info,
-                  "token_column_bases": self._tokens.bases, "id_string_rule": self._id_strings.rule(),
-                  **({"image_root": self.image_root} if self.image_files is not None else {})}
-        if len(self) <= INLINE_LIMIT:
-            inline = self.to_dict()
-            header.update({name: inline[name] for name in ("keys", "id_strings", "token_ids", "image_files")
-                           if name in inline})
-        path = atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), json.dumps(header))
-        for name in os.listdir(directory):
-            if name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX) and name != arrays_name:
-                os.unlink(os.path.join(directory, name))
-        return path
+                     lambda tmp: save_file(arrays, tmp, metadata={"digest": self._digest}))
+        return arrays_name
+
+    def _header(self, arrays_name: str) -> dict:
+        return {"format": INDEX_FORMAT, "version": INDEX_FORMAT_VERSION, "arrays_file": arrays_name,
+                "digest": self._digest, "num_images": len(self), "scheme": self.scheme,
+                "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                "added_tokens": self.added_tokens, "scheme_info": self.scheme_info,
+                "token_column_bases": self._tokens.bases, "id_string_rule": self._id_strings.rule(),
+                **({"image_root": self.image_root} if self.image_files is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
