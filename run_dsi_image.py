@@ -25,12 +25,13 @@ from transformers import AutoTokenizer, set_seed
 
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_model, model_class_for_variant
 from vit_t5_dsi.arguments import (DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args,
-                                  pseudo_query_epochs, resolve_demo_defaults, rq_codes_per_level)
+                                  pseudo_query_epochs, pseudo_query_fractions, resolve_recipe,
+                                  rq_codes_per_level)
 from vit_t5_dsi.atomic_io import atomic_write_text
 from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
 from vit_t5_dsi.collection import check_images
 from vit_t5_dsi.collection_from_flags import collection_for
-from vit_t5_dsi.dense_first import dense_stage_arguments, finished_dense_model, remove_checkpoints
+from vit_t5_dsi.dense_first import dense_stage_arguments, finished_dense_model, remove_checkpoints, start_from_dense
 from vit_t5_dsi.dense_reranking import DenseReranker
 from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
 from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
@@ -41,7 +42,7 @@ from vit_t5_dsi.image_index import EMBEDDING_SCHEMES
 from vit_t5_dsi.image_embeddings import embed_images
 from vit_t5_dsi.model_card import metrics_table
 from vit_t5_dsi.output_dir import check_output_dir, clear_previous_run
-from vit_t5_dsi.pseudo_queries import PSEUDO_QUERIES_FILE, PseudoQueries, PseudoQueryRefresh
+from vit_t5_dsi.pseudo_queries import PSEUDO_QUERIES_FILE, PseudoQueries, PseudoQueryRefresh, RoundTripFilter
 
 logger = logging.getLogger("run_dsi_image")
 
@@ -180,6 +181,23 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
     return index
 
 
+def dense_reranker(model_args, index: ImageIndex, dense_dir: str | None) -> DenseReranker | None:
+    """The dual encoder that re-ranks the beam (--rerank_with) and filters pseudo-queries: the one --rerank_with
+    names, else the one --dense_first trained (None for the dual encoder itself, which ranks on its own)."""
+    if model_args.variant == "dual_encoder":
+        return None
+    source = model_args.rerank_with
+    source = dense_dir if source in (None, "dense_first") else source
+    if source is None:
+        return None
+    try:
+        reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
+        reranker.embeddings_for(index)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--rerank_with {model_args.rerank_with or 'dense_first'}: {err}") from err
+    return reranker
+
+
 def caption_references(splits) -> dict[str, list[str]]:
     """Held-out image key -> its real captions: the references of caption-quality metrics (never trained on)."""
     references: dict[str, list[str]] = {}
@@ -190,7 +208,7 @@ def caption_references(splits) -> dict[str, list[str]]:
 
 def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, processor,
                        references: dict[str, list[str]], resume_dir: str | None,
-                       training_args: DSITrainingArguments):
+                       training_args: DSITrainingArguments, query_filter=None):
     """The pseudo-queries to train on (a `PseudoQueries` the collator reads) and, for the one-command route, the
     callback that writes them during training. Evaluation captions never enter: the captioner learns from
     training captions only, and a file's rows must name indexed images."""
@@ -204,15 +222,15 @@ def pseudo_queries_for(data_args: DataArguments, splits, images: ImageSource, pr
             store = PseudoQueries({key: store.for_key(key) for key in keys}, store.source)
         logger.info("Pseudo-queries from %s: %s", data_args.pseudo_queries, store.summary())
         return store, None
-    epochs = pseudo_query_epochs(data_args)
-    if not epochs:
+    epochs, fractions = pseudo_query_epochs(data_args), pseudo_query_fractions(data_args)
+    if not epochs and not fractions:
         return PseudoQueries(), None
     store = PseudoQueries()
     refresh = PseudoQueryRefresh(store, keys, images, processor, epochs, data_args.num_pseudo_queries,
                                  training_args.per_device_eval_batch_size, data_args.pseudo_query_top_k,
                                  progress=training_args.should_log and not training_args.disable_tqdm,
                                  stop_captioning_after_last=not data_args.keep_captioning,
-                                 references=references)
+                                 references=references, query_filter=query_filter, fractions=fractions)
     if resume_dir:  # a resumed run trains on the pseudo-queries it had, and refreshes what it had not yet
         refresh.restore(resume_dir, known_keys=splits.index["image_key"][:])
     return store, refresh
@@ -224,8 +242,9 @@ def main(argv=None) -> dict[str, float]:
                         level=logging.INFO if training_args.should_log else logging.WARNING,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
-    resolve_demo_defaults(model_args, data_args, training_args)
+    recipe = resolve_recipe(model_args, data_args, training_args)
     check_arguments(model_args, data_args, training_args)
+    logger.info(recipe)
     resume_dir = training_args.resume_from_checkpoint
     if resume_dir is not None and not os.path.isdir(resume_dir):
         raise UsageError(f"--resume_from_checkpoint {resume_dir}: no such checkpoint directory.")
@@ -303,6 +322,10 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
     """One model: build (or load) it and its ids, train, evaluate, save results, card and protocol."""
     model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir,
                                            dense_dir)
+    if dense_dir and model_args.start_from_dense and resume_dir is None and model_args.model_name_or_path is None:
+        copied = start_from_dense(model, load_dsi_model(dense_dir))
+        logger.info("The generative model starts from the dual encoder's image tower, T5 encoder and token "
+                    "embeddings (%d tensors, --start_from_dense).", copied)
     captioning = data_args.captioning_ratio > 0 or getattr(model.config, "caption_token_id", None) is not None
     if captioning:
         model.enable_captioning(processor.tokenizer)
@@ -326,25 +349,29 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
         model.config.caption_suppress_token_ids = index.identifier_only_token_ids(
             processor.tokenizer(splits.train_queries["caption"][:], add_special_tokens=False)["input_ids"])
 
+    reranker = dense_reranker(model_args, index, dense_dir)
     references = caption_references(splits)
-    store, refresh = pseudo_queries_for(data_args, splits, images, processor, references, resume_dir, training_args)
+    query_filter = None
+    if data_args.pseudo_query_filter_top_k and model.config.variant != "dual_encoder":
+        if reranker is None:
+            raise UsageError("--pseudo_query_filter_top_k needs a dual encoder: --dense_first or --rerank_with.")
+        query_filter = RoundTripFilter(reranker, index, data_args.pseudo_query_filter_top_k)
+    store, refresh = pseudo_queries_for(data_args, splits, images, processor, references, resume_dir, training_args,
+                                        query_filter)
     slots = {key: len(store.for_key(key)) for key in store.queries} if refresh is None else {
         key: data_args.pseudo_query_rows_per_image or data_args.num_pseudo_queries for key in refresh.keys}
     train_dataset = training_stream(splits, model.config.variant, data_args.indexing_ratio, training_args.seed,
                                     data_args.captioning_ratio, slots) if training_args.do_train else None
-    reranker = None
-    if model_args.rerank_with is not None:
-        source = dense_dir if model_args.rerank_with == "dense_first" else model_args.rerank_with
-        try:
-            reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
-            reranker.embeddings_for(index)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"--rerank_with {model_args.rerank_with}: {err}") from err
+    pseudo_rows = sum(slots.values())
+    if train_dataset is not None and pseudo_rows:
+        logger.info("Pseudo-query rows: %d of the %d rows of each epoch (%.0f%%), for %d images.", pseudo_rows,
+                    len(train_dataset), 100 * pseudo_rows / len(train_dataset), len(slots))
     trainer = DSITrainer(
         model=model, args=training_args, images=images, processing_class=processor, augment=data_args.augment,
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
         pseudo_queries=store, caption_references=references if captioning else None,
-        callbacks=[refresh] if refresh is not None else None, reranker=reranker,
+        callbacks=[refresh] if refresh is not None else None,
+        reranker=reranker if model_args.rerank_with is not None else None,
         image_cache_mb=data_args.image_cache_mb)
     description = (f"built-in synthetic scenes ({len(collection)} images)" if data_args.is_demo else
                    f"{collection.source}: {splits.summary()}")
@@ -386,8 +413,12 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
                             if model_args.rerank_with else None),
             "captioning_rows_per_epoch": round(data_args.captioning_ratio * len(splits.train_queries))
             if model.config.variant != "dual_encoder" else 0,
+            "rows_per_epoch": len(train_dataset) if train_dataset is not None else 0,
+            "pseudo_query_rows_per_epoch": pseudo_rows,
             "pseudo_queries": {**store.summary(), "images": data_args.pseudo_query_images,
-                               "epochs": pseudo_query_epochs(data_args)}}, indent=2))
+                               "epochs": refresh.epochs if refresh is not None else [],
+                               "at_fractions": pseudo_query_fractions(data_args),
+                               "filter_top_k": data_args.pseudo_query_filter_top_k or 0}}, indent=2))
         if len(store):
             store.save(os.path.join(training_args.output_dir, PSEUDO_QUERIES_FILE))
     if training_args.push_to_hub:

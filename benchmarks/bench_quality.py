@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Retrieval quality side by side: every model on the same collection with the same budget, one table.
 
+    python benchmarks/bench_quality.py --num_images 300 --epochs 150 --models "recipe (default),..."
+    python benchmarks/bench_quality.py --karpathy_json /tmp/openmoji/dataset_openmoji.json \
+        --image_dir /tmp/openmoji/images --epochs 12 --models "recipe (default)"   # OpenMoji (build_openmoji.py)
     python benchmarks/bench_quality.py                              # 2,000 synthetic scenes of 1-2 objects
     python benchmarks/bench_quality.py --num_images 300             # the built-in demo's collection
     python benchmarks/bench_quality.py --karpathy_json dataset_flickr30k.json --image_dir flickr30k-images \\
         --extra "--num_index_images 10000 --num_eval_images 2000"
 
-Each model is one run of run_dsi_image.py in its own process (the same seed, epochs, batch, widths and learning
+The "recipe" rows are the default command (data flags and a budget only) and one-switch ablations of it; their
+dense columns are the run's own dense stage. Each model is one run of run_dsi_image.py in its own process (the same seed, epochs, batch, widths and learning
 rate schedule). Pseudo-query models also co-train captioning and write pseudo-queries at --pseudo_query_epochs,
 so they take more steps per epoch: the table prints each run's steps and training seconds next to its metrics.
 The dual encoder runs first; the rows "rq ids" and "dense semantic ids" build their ids from its image embeddings, and
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +39,22 @@ DENSE = "{dense}"  # replaced by the dual encoder's output directory
 FROM_DENSE = ["--semantic_embeddings", DENSE]
 RQ = ["--docid_scheme", "rq", *FROM_DENSE]
 TOWER = ["--docid_scheme", "semantic"]  # explicit: on the demo collection, rq ids from a dual encoder are the default
+# The default recipe (what a user gets with data flags and a budget) and the ablations of issue #21, one part
+# switched at a time. Every recipe row trains its own dense stage the first time; later recipe rows reuse that
+# finished dual encoder (the same flags, data and seed would train it bit for bit the same).
+RECIPE_ROWS = {
+    "recipe (default)": [],
+    "recipe, towers not copied from the dual encoder": ["--start_from_dense", "False"],
+    "recipe, pseudo-queries unfiltered": ["--pseudo_query_filter_top_k", "0"],
+    "recipe, pseudo-queries filtered at top-1": ["--pseudo_query_filter_top_k", "1"],
+    "recipe, pseudo-queries for every image": ["--pseudo_query_images", "all"],
+    "recipe, 3 pseudo-query rows per image": ["--pseudo_query_rows_per_image", "3"],
+    "recipe, captioning kept on": ["--keep_captioning", "True"],
+    "recipe, no pseudo-queries": ["--pseudo_query_at", "none"],
+    "recipe, re-ranking weight 0.8": ["--rerank_weight", "0.8"],
+}
 MODELS = {  # the dual encoder first: later rows read its embeddings
+    **RECIPE_ROWS,
     "dual_encoder": ["--variant", "dual_encoder"],
     "cross_attention": ["--variant", "cross_attention", *TOWER, *NO_PSEUDO],
     "cross_attention + pseudo-queries": ["--variant", "cross_attention", *TOWER, *PSEUDO],
@@ -46,11 +66,12 @@ MODELS = {  # the dual encoder first: later rows read its embeddings
     "codebook + pseudo-queries": ["--variant", "codebook", *TOWER, *PSEUDO],
     "codebook + rq ids + pseudo-queries": ["--variant", "codebook", *RQ, *PSEUDO],
 }
-COLUMNS = [("index@1", "index_hits@1"), ("seen@1", "seen_hits@1"), ("seen@10", "seen_hits@10"),
+COLUMNS = [("dense seen@1", "dense_seen_hits@1"), ("dense held@1", "dense_eval_hits@1"),
+           ("dense held@10", "dense_eval_hits@10"), ("index@1", "index_hits@1"), ("seen@1", "seen_hits@1"), ("seen@10", "seen_hits@10"),
            ("held-out@1", "eval_hits@1"), ("held-out@10", "eval_hits@10"), ("MRR@10", "eval_mrr@10"),
            ("rr seen@1", "seen_rerank_hits@1"), ("rr held@1", "eval_rerank_hits@1"),
            ("rr MRR@10", "eval_rerank_mrr@10"), ("BLEU", "caption_bleu"), ("steps", "train_steps"),
-           ("train s", "train_seconds")]
+           ("train s", "train_seconds"), ("wall s", "wall_seconds")]
 
 
 def output_dir_of(name: str, args) -> str:
@@ -69,23 +90,33 @@ def run(name: str, flags: list[str], args) -> dict:
     output_dir = output_dir_of(name, args)
     dense_dir = output_dir_of("dual_encoder", args)
     flags = [dense_dir if flag == DENSE else flag for flag in flags]
-    if name != "dual_encoder" and os.path.isfile(os.path.join(dense_dir, "image_embeddings.safetensors")):
-        flags += ["--rerank_with", dense_dir, "--rerank_weight", str(args.rerank_weight)]
+    recipe = name in RECIPE_ROWS
+    shared_dense = os.path.join(args.work_dir, "recipe_dual_encoder")
+    if recipe:  # its own dense stage, or the finished one an earlier recipe row trained
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if os.path.isdir(shared_dense):
+            shutil.copytree(shared_dense, os.path.join(output_dir, "dual_encoder"))
+    else:
+        flags += ["--overwrite_output_dir", "True"]
+        if name != "dual_encoder" and os.path.isfile(os.path.join(dense_dir, "image_embeddings.safetensors")):
+            flags += ["--rerank_with", dense_dir, "--rerank_weight", str(args.rerank_weight)]
     data = (["--karpathy_json", args.karpathy_json, "--image_dir", args.image_dir] if args.karpathy_json else
             ["--demo_num_images", str(args.num_images), "--demo_max_objects", str(demo_max_objects(args)),
              "--demo_dir", os.path.join(args.work_dir, "data")])
     command = [sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *data, *flags, "--output_dir", output_dir,
-               "--overwrite_output_dir", "True", "--num_train_epochs", str(args.epochs), "--seed", str(args.seed),
+               "--num_train_epochs", str(args.epochs), "--seed", str(args.seed),
                "--per_device_train_batch_size", str(args.batch_size), "--model_size", args.model_size,
                "--semantic_max_leaf_size", str(args.semantic_max_leaf_size), "--save_strategy", "no",
                "--disable_tqdm", "True", *shlex.split(args.extra)]
-    if "pseudo-queries" in name:
+    if "pseudo-queries" in name and not recipe:
         command += ["--pseudo_query_epochs", args.pseudo_query_epochs, "--num_pseudo_queries",
                     str(args.num_pseudo_queries), "--pseudo_query_rows_per_image", str(args.pseudo_query_rows)]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    if recipe and not os.path.isdir(shared_dense):
+        shutil.copytree(os.path.join(output_dir, "dual_encoder"), shared_dense)
     with open(os.path.join(output_dir, "all_results.json"), encoding="utf-8") as f:
         metrics = json.load(f)
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
@@ -115,6 +146,15 @@ def target_lines(by_name: dict[str, dict]) -> list[str]:
     def check(label, value, bound):
         lines.append(f"target {label}: {value:.3f} vs {bound:.3f}: {'met' if value >= bound else 'MISSED'}")
 
+    recipe = by_name.get("recipe (default)")
+    if recipe and "dense_seen_hits@1" in recipe:  # issue #21: against the run's own dense stage
+        for side, prefix in (("seen", "seen"), ("held-out", "eval")):
+            dense_at_1 = recipe[f"dense_{prefix}_hits@1"]
+            check(f"recipe: generative {side}@1 >= its dual encoder's", recipe[f"{prefix}_hits@1"], dense_at_1)
+            check(f"recipe: generative {side}@10 >= 0.8x its dual encoder's", recipe[f"{prefix}_hits@10"],
+                  0.8 * recipe[f"dense_{prefix}_hits@10"])
+            check(f"recipe: re-ranked {side}@1 >= its dual encoder's + 0.05", recipe[f"{prefix}_rerank_hits@1"],
+                  dense_at_1 + 0.05)
     dense = by_name.get("dual_encoder")
     rq, rq_pseudo = by_name.get("cross_attention + rq ids"), by_name.get(
         "cross_attention + rq ids + pseudo-queries")
@@ -166,6 +206,7 @@ def main() -> None:
     if needs_dense and "dual_encoder" not in names and not os.path.isdir(output_dir_of("dual_encoder", args)):
         parser.error(f"{needs_dense} build ids from the dual encoder: include dual_encoder in --models")
     names.sort(key=lambda name: name != "dual_encoder")
+    shutil.rmtree(os.path.join(args.work_dir, "recipe_dual_encoder"), ignore_errors=True)  # a new bench, new data
     rows = []
     for name in names:
         rows.append(run(name, MODELS[name], args))

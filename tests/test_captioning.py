@@ -189,18 +189,36 @@ def test_standalone_pseudo_queries_resume_and_train(tmp_path):
     assert f"{len(rows)} pseudo-queries for" in (tmp_path / "with_pq" / "README.md").read_text()  # the model card
 
 
-def test_the_demo_indexes_held_out_images_through_pseudo_queries_unless_told_otherwise():
-    from vit_t5_dsi.arguments import DEMO_PSEUDO_QUERIES, DataArguments, ModelArguments, resolve_demo_defaults
+def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise():
+    from vit_t5_dsi.arguments import RECIPE_PSEUDO_QUERIES, DataArguments, ModelArguments, resolve_recipe
 
-    model_args, data_args = ModelArguments(), DataArguments()
-    resolve_demo_defaults(model_args, data_args)
-    assert {name: getattr(data_args, name) for name in DEMO_PSEUDO_QUERIES} == DEMO_PSEUDO_QUERIES
+    model_args, data_args = ModelArguments(), DataArguments(karpathy_json="data.json", image_dir=".")
+    resolve_recipe(model_args, data_args)
+    assert {name: getattr(data_args, name) for name in RECIPE_PSEUDO_QUERIES} == RECIPE_PSEUDO_QUERIES
     opted_out = DataArguments(captioning_ratio=0.0)
-    resolve_demo_defaults(ModelArguments(), opted_out)
-    assert opted_out.pseudo_query_epochs is None and opted_out.pseudo_query_images == "all"
-    user_data = DataArguments(karpathy_json="data.json", image_dir=".")
-    resolve_demo_defaults(ModelArguments(), user_data)
-    assert user_data.captioning_ratio == 0.0 and user_data.pseudo_query_epochs is None
+    resolve_recipe(ModelArguments(), opted_out)
+    assert opted_out.pseudo_query_at is None and opted_out.pseudo_query_filter_top_k == 0
+    not_written = DataArguments(pseudo_query_at="none")
+    resolve_recipe(ModelArguments(), not_written)
+    assert not_written.captioning_ratio == 0.5 and not_written.pseudo_query_at == "none"
+    by_epoch = DataArguments(pseudo_query_epochs="5")  # epochs named: no fractions on top
+    resolve_recipe(ModelArguments(), by_epoch)
+    assert by_epoch.pseudo_query_at is None and by_epoch.pseudo_query_filter_top_k == 3
+    from_file = DataArguments(pseudo_queries="pq.jsonl")
+    resolve_recipe(ModelArguments(), from_file)
+    assert from_file.captioning_ratio == 0.0 and from_file.pseudo_query_at is None
+    unfiltered = DataArguments()
+    resolve_recipe(ModelArguments(dense_first=False), unfiltered)  # no dual encoder to filter with
+    assert unfiltered.pseudo_query_at == "0.2" and unfiltered.pseudo_query_filter_top_k == 0
     dense = DataArguments()
-    resolve_demo_defaults(ModelArguments(variant="dual_encoder"), dense)
-    assert dense.captioning_ratio == 0.0
+    resolve_recipe(ModelArguments(variant="dual_encoder"), dense)
+    assert dense.captioning_ratio == 0.0 and dense.pseudo_query_at is None
+
+
+def test_pseudo_query_fractions_become_epoch_boundaries():
+    from vit_t5_dsi.pseudo_queries import epochs_for_fractions
+
+    assert epochs_for_fractions([0.2], 150) == [30]  # the demo's refresh
+    assert epochs_for_fractions([0.2, 0.5], 10) == [2, 5]
+    assert epochs_for_fractions([0.9], 3) == [2]  # never at the end of training
+    assert epochs_for_fractions([0.2], 1) == []  # one epoch has no boundary to write them at

@@ -115,10 +115,12 @@ def test_overwrite_replaces_the_dense_stage_too(recipe_run, tmp_path, caplog):
     (["--dense_first", "--docid_scheme", "naive"], "--docid_scheme naive does not use embeddings"),
     (["--dense_first", "--variant", "dual_encoder"], "pass a generative --variant"),
     (["--dense_first", "--semantic_embeddings", "x.npy"], "excludes --semantic_embeddings"),
-    (["--rerank_with", "dense_first"], "needs --dense_first"),
+    (["--dense_first", "False", "--rerank_with", "dense_first"], "needs --dense_first"),
     (["--rerank_with", "somewhere", "--variant", "dual_encoder"], "the dual encoder ranks by itself"),
     (["--rerank_weight", "1.5"], r"--rerank_weight must be in \[0, 1\]"),
-    (["--dense_first_epochs", "3"], "--dense_first_epochs needs --dense_first"),
+    (["--dense_first", "False", "--dense_first_epochs", "3"], "--dense_first_epochs needs --dense_first"),
+    (["--dense_first", "False", "--pseudo_query_filter_top_k", "3"], "needs a dual encoder to filter with"),
+    (["--pseudo_query_at", "1.5"], r"--pseudo_query_at must hold fractions in \(0, 1\)"),
     (["--docid_scheme", "rq", "--rq_codes_per_level", "1"], "--rq_codes_per_level must be >= 2"),
     (["--docid_scheme", "rq", "--rq_num_levels", "0"], "--rq_num_levels must be >= 1"),
 ])
@@ -155,36 +157,65 @@ def test_rq_ids_from_a_npy_file(tmp_path):
                                      str(tmp_path / "bad.npy"), "--overwrite_output_dir", "True"))
 
 
-def test_the_demo_uses_rq_ids_from_a_dense_first_model_unless_told_otherwise():
-    from vit_t5_dsi.arguments import DEMO_IDS, DataArguments, ModelArguments, resolve_demo_defaults
+@pytest.mark.parametrize("data", [{}, {"karpathy_json": "data.json", "image_dir": "."}])
+def test_every_collection_gets_the_recipe_unless_a_flag_turns_a_part_off(data):
+    from vit_t5_dsi.arguments import (RECIPE_IDS, RECIPE_PSEUDO_QUERIES, DataArguments, ModelArguments,
+                                      resolve_recipe)
 
-    model_args = ModelArguments()
-    resolve_demo_defaults(model_args, DataArguments())
-    assert {name: getattr(model_args, name) for name in DEMO_IDS} == DEMO_IDS
-    for chosen in (ModelArguments(docid_scheme="semantic"), ModelArguments(semantic_embeddings="e.npy"),
-                   ModelArguments(rerank_with="ckpt")):  # any choice about ids opts out of the whole recipe
-        resolve_demo_defaults(chosen, DataArguments())
-        assert not chosen.dense_first
-    user = ModelArguments()
-    resolve_demo_defaults(user, DataArguments(karpathy_json="data.json", image_dir="."))
-    assert user.docid_scheme == "semantic" and not user.dense_first and user.rerank_with is None
+    model_args, data_args = ModelArguments(), DataArguments(**data)  # the demo, or a user's own collection
+    line = resolve_recipe(model_args, data_args)
+    assert {name: getattr(model_args, name) for name in RECIPE_IDS} == RECIPE_IDS
+    assert {name: getattr(data_args, name) for name in RECIPE_PSEUDO_QUERIES} == RECIPE_PSEUDO_QUERIES
+    assert line.startswith("Recipe: rq ids from a dual encoder trained first") and "re-ranked" in line
+
+    off = ModelArguments(dense_first=False)
+    resolve_recipe(off, DataArguments(**data))
+    assert off.rerank_with is None and not off.start_from_dense and off.docid_scheme == "rq"
+    semantic = ModelArguments(docid_scheme="semantic")  # semantic ids are still cut from the dual encoder
+    resolve_recipe(semantic, DataArguments(**data))
+    assert semantic.dense_first and semantic.rerank_with == "dense_first"
+    for chosen in (ModelArguments(docid_scheme="atomic"), ModelArguments(semantic_embeddings="e.npy")):
+        resolve_recipe(chosen, DataArguments(**data))
+        assert not chosen.dense_first and chosen.rerank_with is None
+    no_rerank = ModelArguments(rerank_with="none")
+    resolve_recipe(no_rerank, DataArguments(**data))
+    assert no_rerank.dense_first and no_rerank.rerank_with is None
+    continued = ModelArguments(model_name_or_path="ckpt")
+    continued_data = DataArguments(**data)
+    resolve_recipe(continued, continued_data)
+    assert not continued.dense_first and continued_data.captioning_ratio == 0.0
     dense = ModelArguments(variant="dual_encoder")
-    resolve_demo_defaults(dense, DataArguments())
+    assert resolve_recipe(dense, DataArguments(**data)) == "Recipe: the dual encoder alone (dense baseline)."
     assert not dense.dense_first and dense.rerank_with is None
-    tuned = ModelArguments(dense_first_epochs=20)  # tunes the demo's dense stage, keeps the recipe
-    resolve_demo_defaults(tuned, DataArguments())
+    tuned = ModelArguments(dense_first_epochs=20)
+    resolve_recipe(tuned, DataArguments(**data))
     assert tuned.dense_first and tuned.docid_scheme == "rq" and tuned.dense_first_epochs == 20
+
+
+def test_the_dense_stage_budget_follows_the_generative_one():
+    from vit_t5_dsi.arguments import DataArguments, ModelArguments, parse_args, resolve_recipe
+    from vit_t5_dsi.dense_first import dense_stage_arguments
+
+    for flags, epochs, max_steps in ((["--num_train_epochs", "150"], 100, -1),
+                                     (["--max_steps", "300"], 200.0, 200),
+                                     (["--num_train_epochs", "30", "--dense_first_epochs", "7"], 7, -1)):
+        model_args, data_args, training_args = parse_args(["--output_dir", "unused", *flags])
+        resolve_recipe(model_args, data_args, training_args)
+        training = dense_stage_arguments(model_args, data_args, training_args)[2]
+        assert training.max_steps == max_steps
+        if max_steps < 0:
+            assert training.num_train_epochs == pytest.approx(epochs)
 
 
 def test_epochs_default_to_the_demo_schedule_only_on_the_demo():
     from vit_t5_dsi.arguments import (DEMO_TRAIN_EPOCHS, TRAIN_EPOCHS, DataArguments, ModelArguments,
-                                      parse_args, resolve_demo_defaults)
+                                      parse_args, resolve_recipe)
 
     for flags, data_args, expected in (([], DataArguments(), DEMO_TRAIN_EPOCHS),
                                        ([], DataArguments(karpathy_json="d.json", image_dir="."), TRAIN_EPOCHS),
                                        (["--num_train_epochs", "300"], DataArguments(), 300)):
         training_args = parse_args(["--output_dir", "unused", *flags])[2]
-        resolve_demo_defaults(ModelArguments(), data_args, training_args)
+        resolve_recipe(ModelArguments(), data_args, training_args)
         assert training_args.num_train_epochs == expected
 
 

@@ -18,9 +18,10 @@ METRIC_KEYS = [f"{p}_{m}" for p in ("eval", "seen", "index") for m in ("hits@1",
 
 
 def tiny_args(tmp_path, *extra, images=40, epochs=1):
-    """A tiny run on the built-in demo collection. Semantic ids unless `extra` says otherwise (the demo's own
-    default, rq ids from a dual encoder trained first, would train two models in every test)."""
-    return ["--docid_scheme", "semantic", "--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
+    """A tiny run on the built-in demo collection: semantic ids from the model's own tower, no dense stage, no
+    captioning, unless `extra` says otherwise (the default recipe trains two models and a captioner;
+    `test_the_default_recipe_learns` runs it)."""
+    return ["--docid_scheme", "semantic", "--dense_first", "False", "--captioning_ratio", "0", "--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
             "--demo_num_images", str(images), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
             "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True", "--save_strategy", "no",
             "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
@@ -341,3 +342,28 @@ def test_two_processes_write_pseudo_queries_during_training(tmp_path):
     protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
     assert protocol["pseudo_queries"]["num_pseudo_queries"] == len(rows) and "writer_caption_bleu" in protocol[
         "pseudo_queries"]
+
+
+def test_the_default_recipe_learns(tmp_path):
+    """What a user gets with data flags only (here the demo collection's, tiny): a dual encoder first, rq ids cut
+    from it, the generative model started from its towers, captioning, pseudo-queries at 20% of training (kept
+    when the dual encoder finds their image) and re-ranking; the run says so, reports all three kinds of figures,
+    and has memorised every image it indexes."""
+    args = ["--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "24",
+            "--num_train_epochs", "40", "--per_device_train_batch_size", "64", "--disable_tqdm", "True",
+            "--tokenizer_vocab_size", "200", "--save_strategy", "no", "--logging_steps", "50"]
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = [line for line in result.stdout.splitlines() if " - INFO - " in line][:3]
+    assert any("Recipe: rq ids from a dual encoder trained first" in line and "re-ranked by dense_first" in line
+               for line in first), first
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    for key in ("eval_hits@1", "eval_rerank_hits@1", "dense_eval_hits@1", "seen_hits@1", "seen_rerank_hits@1",
+                "dense_seen_hits@1"):
+        assert key in results, key
+    assert results["index_hits@1"] == 1.0
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["docid_scheme"] == "rq" and protocol["pseudo_queries"]["epochs"] == [8]
+    assert protocol["pseudo_queries"]["filter_top_k"] == 3 and protocol["pseudo_queries"]["num_images"] > 0
+    dense_state = json.loads((tmp_path / "out" / "dual_encoder" / "trainer_state.json").read_text())
+    assert dense_state["epoch"] == pytest.approx(40 * 2 / 3, abs=0.5)  # the dense budget follows the generative one

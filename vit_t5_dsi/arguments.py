@@ -1,7 +1,7 @@
 """The flags of `run_dsi_image.py`, as `HfArgumentParser` dataclasses, and the checks that need several of them.
 
-Choices are typed (`Literal`), so a typo fails when the flags are parsed. The built-in demo's own choices are
-made in one place, `resolve_demo_defaults`; errors here name flags, since users meet them on the command line.
+Choices are typed (`Literal`), so a typo fails when the flags are parsed. The defaults that depend on other flags
+(the recipe) are filled in one place, `resolve_recipe`; errors here name flags, since users meet them on the command line.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from .errors import UsageError
 DEMO_SEMANTIC_MAX_LEAF_SIZE = 10
 SEMANTIC_MAX_LEAF_SIZE = 100  # DSI's c
 RQ_CELLS_PER_IMAGE = 4  # default rq codes per level: enough cells that few images share every code
-# The built-in demo indexes its held-out images through pseudo-queries written by the model itself (the seed's
-# captioning step): on the demo this took held-out Hits@1 from 0.011 to 0.5+ (README, "What the demo gives").
-DEMO_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_epochs="30", num_pseudo_queries=10,
-                           pseudo_query_rows_per_image=10, pseudo_query_images="uncaptioned")
-# ... and identifies images by rq ids built from a dual encoder it trains first, which also re-ranks the beam
-# (README, "What the demo gives": seen Hits@1 0.36 -> 0.86 and held-out Hits@10 0.93 -> 1.0 on the demo).
-DEMO_IDS = dict(docid_scheme="rq", dense_first=True, rerank_with="dense_first", dense_first_epochs=100.0)
-# Epochs when --num_train_epochs is not given. The demo's schedule is shorter so that it runs in its 300 s budget
-# (README, "What the demo gives": 150 generative + 100 dense epochs keep every quality target of the 300/300 run).
+# The recipe every generative run gets unless a flag turns a part off (docs/recipe.md has the measurements):
+# rq ids cut from a dual encoder trained first (seen Hits@1 0.36 -> 0.86 on the demo), the generative model started
+# from that dual encoder's towers, the seed's captioning step writing pseudo-queries for the images that have no
+# training captions (held-out Hits@1 0.09 -> 0.75 on the demo), kept only where the dual encoder finds their image,
+# and dense re-ranking of the beam.
+RECIPE_IDS = dict(docid_scheme="rq", dense_first=True, start_from_dense=True, rerank_with="dense_first")
+RECIPE_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_at="0.2", num_pseudo_queries=10,
+                             pseudo_query_rows_per_image=10, pseudo_query_images="uncaptioned",
+                             pseudo_query_filter_top_k=3)
+# The dense stage's budget as a share of the generative one (epochs, or --max_steps): the demo's 100 of 150.
+DENSE_FIRST_SHARE = 2 / 3
 TRAIN_EPOCHS, DEMO_TRAIN_EPOCHS = 300.0, 150.0
 
 
@@ -40,7 +42,7 @@ class ModelArguments:
     docid_scheme: Literal["naive", "atomic", "semantic", "rq"] | None = field(default=None, metadata={
         "help": "Image identifiers: naive (integer strings), atomic (one new token per image), semantic "
                 "(hierarchical k-means over image embeddings) or rq (residual quantization of image embeddings, one "
-                "token per level and code). Default semantic; the built-in demo uses rq with --dense_first. "
+                "token per level and code). Default rq, cut from the dual encoder --dense_first trains. "
                 "Ignored by the dual encoder."})
     model_size: Literal["tiny", "small", "base"] = field(default="tiny", metadata={
         "help": "From-scratch size when no pretrained parts are given: tiny, small or base (ViT-B/16 + T5-base)."})
@@ -81,13 +83,18 @@ class ModelArguments:
     rq_code_embeddings: bool = field(default=True, metadata={
         "help": "rq ids: start each code token's embedding at its code's vector (GENIUS), so the decoder begins "
                 "with token similarities that are those of the image embeddings. False: random initialisation."})
-    dense_first: bool = field(default=False, metadata={
+    start_from_dense: bool | None = field(default=None, metadata={
+        "help": "With --dense_first: the generative model starts from the trained dual encoder's image tower, T5 "
+                "encoder and token embeddings (default: on with --dense_first), so its decoder only has to learn to "
+                "write the codes of the embedding space the ids were cut from."})
+    dense_first: bool | None = field(default=None, metadata={
         "help": "Dense-then-generative recipe: first train the dual encoder on the same data (saved as a complete "
                 "checkpoint in OUTPUT_DIR/dual_encoder, its metrics reported as dense_*), build the generative "
                 "model's semantic or rq ids from its image embeddings, then train the generative model. A finished "
                 "dense stage is reused when the run is resumed; an interrupted one resumes from its checkpoints."})
     dense_first_epochs: float | None = field(default=None, metadata={
-        "help": "--dense_first: epochs of the dual encoder (default: --num_train_epochs; the built-in demo: 100)."})
+        "help": "--dense_first: epochs of the dual encoder (default: 2/3 of the generative model's budget, in "
+                "epochs or --max_steps; the built-in demo: 100 of 150 epochs)."})
     rerank_with: str | None = field(default=None, metadata={
         "help": "Re-rank each text query's generative top-k with a dual encoder's similarity: a dual_encoder "
                 "checkpoint (directory or Hub id), or 'dense_first' for the one --dense_first trains. Reported under "
@@ -129,22 +136,31 @@ class DataArguments:
     max_caption_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
     captioning_ratio: float | None = field(default=None, metadata={
         "help": "Generative variants: captioning rows (image -> caption, the seed's first step) per training caption "
-                "per epoch, in [0, 1]; 0 = no captioning. Captions of training images only. Default 0; the "
-                f"built-in demo uses {DEMO_PSEUDO_QUERIES['captioning_ratio']} with pseudo-queries."})
+                "per epoch, in [0, 1]; 0 = no captioning (and so no pseudo-queries written). Captions of training "
+                f"images only. Default {RECIPE_PSEUDO_QUERIES['captioning_ratio']} for a generative model trained "
+                "from scratch, else 0."})
     pseudo_queries: str | None = field(default=None, metadata={
         "help": "JSONL of {image_id, caption} pseudo-queries (from generate_pseudo_queries.py or any captioner) "
                 "trained on as retrieval rows, every one once per epoch; never evaluation queries."})
     pseudo_query_epochs: str | None = field(default=None, metadata={
         "help": "One-command route: comma-separated epochs at which the model being trained (with "
                 "--captioning_ratio > 0) writes new pseudo-queries, e.g. '100' or '100,200'."})
+    pseudo_query_at: str | None = field(default=None, metadata={
+        "help": "Comma-separated fractions of training (e.g. '0.2') at whose epoch boundaries the model being trained "
+                "writes new pseudo-queries; the same schedule for any --num_train_epochs or --max_steps. "
+                "--pseudo_query_epochs names epochs instead. 'none' = no pseudo-queries."})
+    pseudo_query_filter_top_k: int | None = field(default=None, metadata={
+        "help": "Keep a written pseudo-query only when the dual encoder (--dense_first or --rerank_with) ranks its own "
+                "image within this many of all indexed images (every image keeps its best one); 0 = keep all."})
     num_pseudo_queries: int = field(default=10, metadata={
         "help": "Pseudo-queries sampled per image (before deduplication), for --pseudo_query_epochs."})
     pseudo_query_rows_per_image: int | None = field(default=None, metadata={
         "help": "Pseudo-query rows per image per epoch for --pseudo_query_epochs (default --num_pseudo_queries); a "
                 "row takes the image's next distinct pseudo-query, so distinct ones repeat when there are fewer."})
     pseudo_query_images: Literal["all", "uncaptioned"] | None = field(default=None, metadata={
-        "help": "Which indexed images get pseudo-queries: all (default), or only those without training captions "
-                "(the held-out ones; the built-in demo's choice)."})
+        "help": "Which indexed images get pseudo-queries: all, or only those without training captions "
+                "(uncaptioned: the held-out ones; the default, since pseudo-queries for captioned images cost seen-caption "
+                "quality and their writing time grows with the collection)."})
     keep_captioning: bool = field(default=False, metadata={
         "help": "With --pseudo_query_epochs: keep training captioning rows after the last refresh (by default they "
                 "stop there, since they make every step slower; the final eval_caption_* metrics then describe a "
@@ -203,11 +219,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         return parser.parse_json_file(os.path.abspath(argv[0]))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=_bare_switches_set(argv))
+
+
+# Switches whose default depends on other flags (None = "not given"): HfArgumentParser makes an Optional[bool]
+# without a default take a value, so a bare `--dense_first` becomes `--dense_first True` here.
+OPTIONAL_SWITCHES = ("--dense_first", "--dense-first", "--start_from_dense", "--start-from-dense")
+
+
+def _bare_switches_set(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in OPTIONAL_SWITCHES and (following is None or following.startswith("--")):
+            out.append("True")
+    return out
 
 
 def pseudo_query_epochs(data_args: DataArguments) -> list[int]:
     return [int(e) for e in (data_args.pseudo_query_epochs or "").split(",") if e.strip()]
+
+
+def pseudo_query_fractions(data_args: DataArguments) -> list[float]:
+    """--pseudo_query_at as fractions of training (empty when off, or when --pseudo_query_epochs names epochs)."""
+    if data_args.pseudo_query_epochs or not data_args.pseudo_query_at or data_args.pseudo_query_at == "none":
+        return []
+    try:
+        fractions = [float(f) for f in data_args.pseudo_query_at.split(",") if f.strip()]
+    except ValueError:
+        raise UsageError(f"--pseudo_query_at {data_args.pseudo_query_at!r}: expected comma-separated fractions of "
+                         "training in (0, 1), e.g. '0.2', or 'none'.") from None
+    if not all(0.0 < f < 1.0 for f in fractions):
+        raise UsageError(f"--pseudo_query_at must hold fractions in (0, 1), got {data_args.pseudo_query_at!r}.")
+    return fractions
 
 
 def rq_codes_per_level(model_args: ModelArguments, num_images: int) -> int:
@@ -220,34 +265,73 @@ def rq_codes_per_level(model_args: ModelArguments, num_images: int) -> int:
     return codes
 
 
-def resolve_demo_defaults(model_args: ModelArguments, data_args: DataArguments,
-                          training_args: "DSITrainingArguments | None" = None) -> None:
-    """Fill the defaults that differ between the built-in demo and a user's collection (the one place)."""
+def resolve_recipe(model_args: ModelArguments, data_args: DataArguments,
+                   training_args: "DSITrainingArguments | None" = None) -> str:
+    """Fill every default the flags left open (the one place), and return the one line that says which recipe
+    runs. A generative model trained from scratch gets the whole recipe on any collection; a flag given turns its
+    part off or changes it (`--dense_first False`, `--docid_scheme semantic`, `--captioning_ratio 0`,
+    `--pseudo_query_at none`, `--pseudo_query_filter_top_k 0`, `--rerank_with none`, `--start_from_dense False`).
+    Continuing a checkpoint (--model_name_or_path) and the dual encoder get none of it."""
     if training_args is not None and training_args.num_train_epochs is None:
         training_args.num_train_epochs = DEMO_TRAIN_EPOCHS if data_args.is_demo else TRAIN_EPOCHS
     if model_args.semantic_max_leaf_size is None:
         model_args.semantic_max_leaf_size = (DEMO_SEMANTIC_MAX_LEAF_SIZE if data_args.is_demo
                                              else SEMANTIC_MAX_LEAF_SIZE)
-    untouched = (data_args.captioning_ratio is None and data_args.pseudo_query_epochs is None
-                 and data_args.pseudo_queries is None)
-    if data_args.is_demo and untouched and model_args.variant != "dual_encoder":
-        for name, value in DEMO_PSEUDO_QUERIES.items():
-            setattr(data_args, name, value)
-    ids_untouched = (model_args.docid_scheme is None and model_args.semantic_embeddings is None
-                     and model_args.model_name_or_path is None and model_args.rerank_with is None
-                     and not model_args.dense_first)  # --dense_first_epochs alone tunes the demo's dense stage
-    if data_args.is_demo and ids_untouched and model_args.variant != "dual_encoder":
-        for name, value in DEMO_IDS.items():
-            if getattr(model_args, name) in (None, False):  # e.g. a given --dense_first_epochs stays
-                setattr(model_args, name, value)
+    recipe = model_args.variant != "dual_encoder" and model_args.model_name_or_path is None
+    if model_args.dense_first is None:
+        model_args.dense_first = (recipe and model_args.semantic_embeddings is None
+                                  and model_args.docid_scheme in (None, "semantic", "rq"))
     if model_args.docid_scheme is None:
-        model_args.docid_scheme = "semantic"
-    if data_args.captioning_ratio is None:
-        data_args.captioning_ratio = 0.0
-    if model_args.rerank_with is not None and model_args.rerank_with.lower() == "dense_first":
+        model_args.docid_scheme = RECIPE_IDS["docid_scheme"] if recipe else "semantic"
+    if model_args.start_from_dense is None:
+        model_args.start_from_dense = bool(model_args.dense_first)
+    if model_args.rerank_with is None:
+        model_args.rerank_with = "dense_first" if model_args.dense_first else None
+    elif model_args.rerank_with.lower() in ("none", "off", ""):
+        model_args.rerank_with = None
+    elif model_args.rerank_with.lower() == "dense_first":
         model_args.rerank_with = "dense_first"
+
+    own_queries = data_args.pseudo_queries is not None or data_args.pseudo_query_epochs is not None
+    if data_args.captioning_ratio is None:
+        data_args.captioning_ratio = (RECIPE_PSEUDO_QUERIES["captioning_ratio"]
+                                      if recipe and data_args.pseudo_queries is None else 0.0)
+    if data_args.pseudo_query_at is not None and data_args.pseudo_query_at.lower() in ("none", "off", ""):
+        data_args.pseudo_query_at = "none"
+    elif data_args.pseudo_query_at is None and not own_queries and recipe and data_args.captioning_ratio > 0:
+        data_args.pseudo_query_at = RECIPE_PSEUDO_QUERIES["pseudo_query_at"]
+    writes_queries = bool(pseudo_query_epochs(data_args) or pseudo_query_fractions(data_args))
+    if data_args.pseudo_query_rows_per_image is None and writes_queries and recipe:
+        data_args.pseudo_query_rows_per_image = RECIPE_PSEUDO_QUERIES["pseudo_query_rows_per_image"]
     if data_args.pseudo_query_images is None:
-        data_args.pseudo_query_images = "all"
+        data_args.pseudo_query_images = RECIPE_PSEUDO_QUERIES["pseudo_query_images"]
+    if data_args.pseudo_query_filter_top_k is None:
+        has_dual_encoder = model_args.dense_first or model_args.rerank_with is not None
+        data_args.pseudo_query_filter_top_k = (RECIPE_PSEUDO_QUERIES["pseudo_query_filter_top_k"]
+                                               if writes_queries and has_dual_encoder else 0)
+    return recipe_summary(model_args, data_args, writes_queries)
+
+
+def recipe_summary(model_args: ModelArguments, data_args: DataArguments, writes_queries: bool) -> str:
+    if model_args.variant == "dual_encoder":
+        return "Recipe: the dual encoder alone (dense baseline)."
+    parts = [f"{model_args.docid_scheme} ids" + (" from a dual encoder trained first" if model_args.dense_first
+                                                 else " from " + (model_args.semantic_embeddings or
+                                                                  "the model's own image tower")
+                                                 if model_args.docid_scheme in ("semantic", "rq") else ""),
+             "generative model started from its towers" if model_args.dense_first and model_args.start_from_dense
+             else None,
+             f"captioning {data_args.captioning_ratio:g}" if data_args.captioning_ratio else "no captioning",
+             ("pseudo-queries at " + (f"epochs {data_args.pseudo_query_epochs}" if data_args.pseudo_query_epochs
+                                      else f"{data_args.pseudo_query_at} of training")
+              + f" for {data_args.pseudo_query_images} images"
+              + (f", kept when the dual encoder ranks their image in its top {data_args.pseudo_query_filter_top_k}"
+                 if data_args.pseudo_query_filter_top_k else "")) if writes_queries
+             else f"pseudo-queries from {data_args.pseudo_queries}" if data_args.pseudo_queries else "no pseudo-queries",
+             f"re-ranked by {model_args.rerank_with}" if model_args.rerank_with else "no re-ranking"]
+    if model_args.model_name_or_path:
+        parts.insert(0, f"continuing {model_args.model_name_or_path}")
+    return "Recipe: " + "; ".join(p for p in parts if p) + "."
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments,
@@ -322,6 +406,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                              "epoch numbers, e.g. '100,200'.") from None
         if any(e < 1 for e in epochs):
             raise UsageError(f"--pseudo_query_epochs must be >= 1 (captioning trains first), got {epochs}.")
+    if pseudo_query_fractions(data_args):
+        if data_args.pseudo_queries:
+            raise UsageError("--pseudo_query_at (pseudo-queries written during training) and --pseudo_queries "
+                             "(a file of them) exclude each other.")
+        if data_args.captioning_ratio <= 0:
+            raise UsageError("--pseudo_query_at needs --captioning_ratio > 0: the model must learn to caption.")
+    if data_args.pseudo_query_filter_top_k < 0:
+        raise UsageError(f"--pseudo_query_filter_top_k must be >= 0 (0 = keep all), got "
+                         f"{data_args.pseudo_query_filter_top_k}.")
+    if (data_args.pseudo_query_filter_top_k and generative and not model_args.dense_first
+            and model_args.rerank_with is None):
+        raise UsageError("--pseudo_query_filter_top_k needs a dual encoder to filter with: --dense_first or "
+                         "--rerank_with.")
     if data_args.pseudo_query_rows_per_image is not None and data_args.pseudo_query_rows_per_image < 1:
         raise UsageError(f"--pseudo_query_rows_per_image must be >= 1, got {data_args.pseudo_query_rows_per_image}.")
     if data_args.image_cache_mb < 0:
@@ -349,6 +446,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                          "another --output_dir.")
 
 
-__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "resolve_demo_defaults",
-           "pseudo_query_epochs",
+__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "resolve_recipe",
+           "recipe_summary", "pseudo_query_epochs", "pseudo_query_fractions", "RECIPE_IDS", "RECIPE_PSEUDO_QUERIES",
+           "DENSE_FIRST_SHARE",
            "check_arguments", "rq_codes_per_level", "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]

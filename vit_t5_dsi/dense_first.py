@@ -13,6 +13,8 @@ import glob
 import os
 import shutil
 
+import torch
+
 from transformers.trainer_utils import get_last_checkpoint
 
 DENSE_FIRST_DIR = "dual_encoder"
@@ -23,18 +25,54 @@ FINISHED_FILES = ("config.json", "model.safetensors", "image_index.json", "image
 
 def dense_stage_arguments(model_args, data_args, training_args):
     """The flags of the dense stage: the same data, seed, batch and schedule shape, the dual-encoder variant, its
-    own output directory and epochs; no captioning or pseudo-queries (they belong to the generative model), no
+    own output directory and budget (--dense_first_epochs, else a share of the generative one); no captioning or pseudo-queries (they belong to the generative model), no
     push (the generative run pushes)."""
     directory = os.path.join(training_args.output_dir, DENSE_FIRST_DIR)
+    from .arguments import DENSE_FIRST_SHARE
+
     model = dataclasses.replace(model_args, variant="dual_encoder", dense_first=False, dense_first_epochs=None,
-                                rerank_with=None, semantic_embeddings=None, model_name_or_path=None)
-    data = dataclasses.replace(data_args, captioning_ratio=0.0, pseudo_queries=None, pseudo_query_epochs=None)
+                                rerank_with=None, semantic_embeddings=None, model_name_or_path=None,
+                                start_from_dense=False)
+    data = dataclasses.replace(data_args, captioning_ratio=0.0, pseudo_queries=None, pseudo_query_epochs=None,
+                               pseudo_query_at=None, pseudo_query_filter_top_k=0)
+    # the dense stage's budget follows the generative one (a share of its epochs or of its --max_steps)
+    if model_args.dense_first_epochs is not None:
+        epochs, max_steps = model_args.dense_first_epochs, -1
+    else:
+        epochs = DENSE_FIRST_SHARE * training_args.num_train_epochs
+        max_steps = max(1, round(DENSE_FIRST_SHARE * training_args.max_steps)) if training_args.max_steps > 0 else -1
     training = dataclasses.replace(
         training_args, output_dir=directory, resume_from_checkpoint=last_checkpoint(directory),
-        num_train_epochs=model_args.dense_first_epochs or training_args.num_train_epochs, push_to_hub=False,
+        num_train_epochs=epochs, max_steps=max_steps, push_to_hub=False,
         overwrite_output_dir=False, do_train=True, do_eval=True,
         run_name=f"{training_args.run_name or os.path.basename(os.path.abspath(training_args.output_dir))}-dense")
     return model, data, training
+
+
+def start_from_dense(model, dual_encoder) -> int:
+    """Copy the trained dual encoder's image tower, T5 encoder and token embeddings into a new generative model;
+    returns the number of tensors copied.
+
+    The ids are codes of the dual encoder's image space, so a generative model that starts from the same encoders
+    only has to learn to write the codes of where an image or a caption lies in that space (GENIUS builds its
+    decoder on CLIP's encoders the same way). Token embedding rows are copied for the vocabulary both share (the
+    generative model adds id and caption tokens after it). Tensors whose shapes differ are left as they are.
+    """
+    pairs = [(model.vision_model, dual_encoder.vision_model),
+             (model.language_model.encoder, dual_encoder.text_model.encoder)]
+    copied = 0
+    with torch.no_grad():
+        for target, source in pairs:
+            own = target.state_dict()
+            for name, tensor in source.state_dict().items():
+                if name in own and own[name].shape == tensor.shape:
+                    own[name].copy_(tensor)
+                    copied += 1
+        rows = dual_encoder.get_input_embeddings().weight
+        embeddings = model.get_input_embeddings().weight
+        shared = min(len(rows), len(embeddings))
+        embeddings[:shared].copy_(rows[:shared])
+    return copied + 1
 
 
 def finished_dense_model(directory: str) -> bool:
@@ -52,5 +90,5 @@ def remove_checkpoints(directory: str) -> None:
         shutil.rmtree(checkpoint)
 
 
-__all__ = ["DENSE_FIRST_DIR", "dense_stage_arguments", "finished_dense_model", "last_checkpoint",
+__all__ = ["DENSE_FIRST_DIR", "dense_stage_arguments", "start_from_dense", "finished_dense_model", "last_checkpoint",
            "remove_checkpoints"]

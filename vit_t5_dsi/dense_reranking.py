@@ -80,6 +80,23 @@ class DenseReranker:
                        torch.gather(fused, 1, order).cpu().numpy().astype(np.float32))
 
 
+    @torch.no_grad()
+    def gold_ranks(self, texts: list[str], gold_positions: list[int], index: ImageIndex,
+                   batch_size: int = 256) -> np.ndarray:
+        """0-based rank of each text's gold image among all of `index`'s images under the dual encoder alone (a
+        round trip: does this text find its own image?)."""
+        images = self.embeddings_for(index)
+        ranks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.processor(text=list(texts[start:start + batch_size])).to(self.model.device)
+            queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"]).float()
+            scores = queries @ images.T
+            gold = torch.as_tensor(gold_positions[start:start + batch_size], device=scores.device)
+            gold_scores = scores.gather(1, gold[:, None])
+            ranks.append((scores > gold_scores).sum(1).cpu())
+        return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
 def _log_softmax(scores: torch.Tensor) -> torch.Tensor:
     """log_softmax over the valid (finite) slots; a row without any stays -inf, never NaN."""
     finite = torch.isfinite(scores)

@@ -143,6 +143,41 @@ def generate_captions(model, keys: Sequence[str], images, processor, batch_size:
                                                 distributed)))
 
 
+class RoundTripFilter:
+    """Keep the pseudo-queries that find their own image under a dual encoder (DSI-QG and PAQ filter generated
+    queries the same way): its rank among all indexed images must be below `top_k`. A wrong pseudo-query that
+    describes another image teaches the generative model to write that image's id for the other image's captions,
+    which is what costs seen-caption quality; every image keeps at least `min_per_image` of its best-ranked ones,
+    so no image loses its only path from text to its id."""
+
+    def __init__(self, reranker, index, top_k: int = 3, min_per_image: int = 1):
+        self.reranker, self.index, self.top_k, self.min_per_image = reranker, index, top_k, min_per_image
+        self.last_summary: dict[str, float] = {}
+
+    def __call__(self, queries: dict[str, list[str]]) -> dict[str, list[str]]:
+        pairs = [(key, text) for key, texts in queries.items() for text in texts]
+        if not pairs:
+            return queries
+        position = self.index.position_of_key
+        ranks = self.reranker.gold_ranks([t for _, t in pairs], [position[k] for k, _ in pairs], self.index)
+        by_key: dict[str, list[tuple[int, int, str]]] = {}
+        for order, ((key, text), rank) in enumerate(zip(pairs, ranks.tolist())):
+            by_key.setdefault(key, []).append((rank, order, text))
+        kept: dict[str, list[str]] = {}
+        for key, scored in by_key.items():
+            passing = [entry for entry in scored if entry[0] < self.top_k]
+            if len(passing) < self.min_per_image:
+                passing = sorted(scored)[:self.min_per_image]
+            kept[key] = [text for _, _, text in sorted(passing, key=lambda entry: entry[1])]
+        num_kept = sum(len(v) for v in kept.values())
+        self.last_summary = {"filter_top_k": self.top_k, "filter_written": len(pairs), "filter_kept": num_kept,
+                             "filter_round_trip_hits": int((ranks < self.top_k).sum())}
+        logger.info("Round-trip filter (dual encoder top-%d): kept %d of %d pseudo-queries (%d pass, the rest keep "
+                    "each image's best %d).", self.top_k, num_kept, len(pairs),
+                    self.last_summary["filter_round_trip_hits"], self.min_per_image)
+        return kept
+
+
 PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
 REFRESH_STATE_FILE = "pseudo_query_refresh.json"  # in checkpoints: which refreshes are done
 
@@ -160,7 +195,8 @@ class PseudoQueryRefresh(TrainerCallback):
     def __init__(self, store: PseudoQueries, keys: Sequence[str], images, processor, epochs: Sequence[int],
                  num_queries: int = 10, batch_size: int = 32, top_k: int = 20,
                  suppress_token_ids: Sequence[int] = (), progress: bool = True,
-                 stop_captioning_after_last: bool = True, references: dict[str, list[str]] | None = None):
+                 stop_captioning_after_last: bool = True, references: dict[str, list[str]] | None = None,
+                 query_filter=None, fractions: Sequence[float] = ()):
         self.store, self.keys, self.images, self.processor = store, list(keys), images, processor
         self.epochs = sorted(set(int(e) for e in epochs))
         self.num_queries, self.batch_size, self.top_k = num_queries, batch_size, top_k
@@ -168,6 +204,17 @@ class PseudoQueryRefresh(TrainerCallback):
         self.stop_captioning_after_last = stop_captioning_after_last
         self.references = references or {}
         self.refreshed: list[int] = []
+        self.seconds_spent = 0.0  # writing (and filtering) pseudo-queries, every refresh so far
+        self.query_filter, self.fractions = query_filter, sorted(float(f) for f in fractions)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Refreshes given as fractions of training become epochs once the trainer knows how many it runs (from
+        --num_train_epochs or --max_steps), so one schedule fits any collection and budget."""
+        if self.fractions:
+            self.epochs = epochs_for_fractions(self.fractions, state.num_train_epochs)
+            if not self.epochs:
+                logger.warning("Pseudo-queries are not written: a refresh needs an epoch boundary after the first "
+                               "epoch, and this run trains %g epoch(s).", state.num_train_epochs)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         epoch = epoch_index(state)
@@ -183,6 +230,8 @@ class PseudoQueryRefresh(TrainerCallback):
                                               self.batch_size, args.device, self.top_k,
                                               suppress_token_ids=self.suppress_token_ids,
                                               desc=f"Pseudo-queries (epoch {epoch})" if self.progress else None)
+        if self.query_filter is not None:
+            queries = self.query_filter(queries)
         self.store.replace(PseudoQueries(queries, source=f"the model's own caption decoder at epoch {epoch} "
                                                          f"(step {state.global_step}), {self.num_queries} samples "
                                                          f"per image, top-k {self.top_k}"))
@@ -193,6 +242,10 @@ class PseudoQueryRefresh(TrainerCallback):
                                         args.device)
             self.store.captioner_metrics = {f"writer_{k}": v for k, v in
                                             caption_metrics(written, self.references).items()}
+        if self.query_filter is not None:
+            self.store.captioner_metrics.update(self.query_filter.last_summary)
+        self.seconds_spent += time.perf_counter() - start
+        self.store.captioner_metrics["writing_seconds"] = round(self.seconds_spent, 1)
         self.refreshed.append(epoch)
         self.store.captioning_finished = self.stop_captioning_after_last and epoch == self.epochs[-1]
         if state.is_world_process_zero:
@@ -227,6 +280,13 @@ class PseudoQueryRefresh(TrainerCallback):
         self.refreshed = [int(e) for e in state["refreshed"]]
         self.store.captioning_finished = bool(state["captioning_finished"])
         self.store.captioner_metrics = dict(state.get("captioner_metrics") or {})
+        self.seconds_spent = float(self.store.captioner_metrics.get("writing_seconds", 0.0))
+
+
+def epochs_for_fractions(fractions: Sequence[float], num_epochs: float) -> list[int]:
+    """Epoch boundaries nearest to each fraction of `num_epochs`, after the first epoch and before the last."""
+    last = int(num_epochs) - 1 if float(num_epochs).is_integer() else int(num_epochs)
+    return sorted({min(max(1, round(f * num_epochs)), last) for f in fractions} - {0}) if last >= 1 else []
 
 
 def epoch_index(state) -> int:
@@ -236,4 +296,4 @@ def epoch_index(state) -> int:
 
 
 __all__ = ["PseudoQueries", "PseudoQueryRefresh", "generate_pseudo_queries", "generate_captions",
-           "PSEUDO_QUERIES_FILE", "REFRESH_STATE_FILE", "epoch_index"]
+           "PSEUDO_QUERIES_FILE", "REFRESH_STATE_FILE", "RoundTripFilter", "epoch_index", "epochs_for_fractions"]
