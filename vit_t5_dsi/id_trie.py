@@ -52,10 +52,11 @@ class IdTrie:
         self._build(table, lengths, eos_token_id, pad_token_id)
 
     @classmethod
-    def from_table(cls, table: np.ndarray, lengths: np.ndarray | None, eos_token_id: int,
-                   pad_token_id: int) -> "IdTrie":
+    def from_table(cls, table: np.ndarray, lengths: np.ndarray | None, eos_token_id: int, pad_token_id: int,
+                   order: np.ndarray | None = None) -> "IdTrie":
         """From an (N, max_len) integer table; row i's tokens are `table[i, :lengths[i]]` (without lengths: up to
-        its first negative entry). Cells past a row's length are ignored."""
+        its first negative entry). Cells past a row's length are ignored. `order`, when the caller has it, is the
+        rows' lexicographic order (a shorter row before its extensions), which saves the build its one sort."""
         table = np.asarray(table)
         if table.ndim != 2 or len(table) == 0:
             raise ValueError("Cannot build an identifier trie from zero identifiers.")
@@ -63,63 +64,68 @@ class IdTrie:
             negative = table < 0
             lengths = np.where(negative.any(1), negative.argmax(1), table.shape[1])
         trie = cls.__new__(cls)
-        trie._build(table, np.asarray(lengths), eos_token_id, pad_token_id)
+        trie._build(table, np.asarray(lengths), eos_token_id, pad_token_id, order)
         return trie
 
-    def _build(self, table: np.ndarray, lengths: np.ndarray, eos_token_id: int, pad_token_id: int) -> None:
+    def _build(self, table: np.ndarray, lengths: np.ndarray, eos_token_id: int, pad_token_id: int,
+               order: np.ndarray | None = None) -> None:
+        """One pass per depth over the rows in lexicographic order: the first row of each distinct prefix of
+        length d + 1 is a new node at depth d + 1, numbered in that order, which is breadth-first order."""
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
         n, width = table.shape
-        lengths = lengths.astype(np.int64, copy=False)
         if int(lengths.min()) <= 0:
             raise ValueError("An identifier has no tokens.")
         if int(lengths.max()) > width:
             raise ValueError("An identifier is longer than the token table.")
-        inside = np.arange(width)[None, :] < lengths[:, None]
-        if int(table[inside].min()) < 0:
-            raise ValueError("Identifier token ids must be non-negative.")
-        if bool((table[inside] == self.eos_token_id).any()):
-            raise ValueError("An identifier contains the eos token; eos may only end it.")
+        max_token = 0
+        for depth in range(width):  # column by column: no copy of the whole table
+            values = table[lengths > depth, depth]
+            if int(values.min()) < 0:
+                raise ValueError("Identifier token ids must be non-negative.")
+            if bool((values == self.eos_token_id).any()):
+                raise ValueError("An identifier contains the eos token; eos may only end it.")
+            max_token = max(max_token, int(values.max()))
+            del values
         self.max_length = width + 1  # + eos
-        max_token = int(table[inside].max())
-        del inside
-        # one lexicographic sort: the rows sharing a prefix are then contiguous, a shorter row before its extensions
-        columns = [np.where(lengths > d, table[:, d], -1).astype(np.int32) for d in range(width)]
-        order = lexicographic_order(columns)
-        del columns
-        sorted_lengths = lengths[order]
+        if order is None:  # rows sharing a prefix become contiguous, a shorter row before its extensions
+            order = lexicographic_order([np.where(lengths > d, table[:, d], -1).astype(np.int32)
+                                         for d in range(width)])
+        index_dtype = np.int32 if int(lengths.sum()) < 2 ** 31 - 1 else np.int64  # nodes <= 1 + all tokens
         token_dtype = np.uint16 if max_token < 2 ** 16 else np.int32
-        edge_tokens, child_counts, terminal = [], [np.zeros(0, dtype=np.int64)], []
+        sorted_lengths = lengths[order].astype(np.int32)
+        edge_tokens, child_counts, ends = [], [], [np.zeros(1, dtype=bool)]  # the root: no id ends there
         changed = np.zeros(n, dtype=bool)  # whether a row's prefix so far differs from the previous row's
         changed[0] = True
-        node = np.zeros(n, dtype=np.int64)  # each row's node at the current depth
+        node = np.zeros(n, dtype=index_dtype)  # each row's node at the current depth
         level_start, level_size, next_node = 0, 1, 1  # depth 0: the root alone
         for depth in range(width):
-            column = table[order, depth].astype(np.int32)
+            column = table[order, depth].astype(np.int32, copy=False)
             active = sorted_lengths > depth
             column[~active] = -1
             changed[1:] |= column[1:] != column[:-1]
             new = changed & active  # the first row of each distinct prefix of length depth + 1: a new node
-            parents = node[new]
-            child_counts[-1] = np.bincount(parents - level_start, minlength=level_size)
+            child_counts.append(np.bincount(node[new] - level_start, minlength=level_size).astype(index_dtype))
             edge_tokens.append(column[new].astype(token_dtype))
-            node = np.where(active, next_node + np.cumsum(new) - 1, node)
-            del column, parents
-            level_start, level_size = next_node, int(new.sum())
+            del column
+            numbers = np.cumsum(new, dtype=index_dtype)
+            numbers += next_node - 1
+            np.copyto(node, numbers, where=active)
+            del numbers, new
+            level_start, level_size = next_node, len(edge_tokens[-1])
             next_node += level_size
-            child_counts.append(np.zeros(level_size, dtype=np.int64))
-            terminal.append(node[sorted_lengths == depth + 1])
-            del new, active
-        del order, sorted_lengths, changed, node
+            level_ends = np.zeros(level_size, dtype=bool)
+            level_ends[node[sorted_lengths == depth + 1] - level_start] = True
+            ends.append(level_ends)
+        del order, sorted_lengths, changed, node, active
+        child_counts.append(np.zeros(level_size, dtype=index_dtype))  # the deepest nodes have no children
         self.num_nodes = next_node
-        counts = np.concatenate([np.asarray([0])] + [c for c in child_counts])  # a leading 0 for the cumsum
-        index_dtype = np.int32 if self.num_nodes < 2 ** 31 - 1 else np.int64
-        self.edge_start = np.cumsum(counts, dtype=np.int64).astype(index_dtype)  # (num_nodes + 1,)
-        del counts, child_counts
-        self.edge_token = np.concatenate(edge_tokens)  # (num_nodes - 1,)
-        ends = np.zeros(self.num_nodes, dtype=bool)
-        for nodes in terminal:
-            ends[nodes] = True
-        self.terminal = np.packbits(ends, bitorder="little")
+        counts = np.concatenate([np.zeros(1, dtype=index_dtype)] + child_counts)
+        del child_counts
+        self.edge_start = np.cumsum(counts, dtype=index_dtype)  # (num_nodes + 1,): node n's edges, CSR
+        del counts
+        self.edge_token = np.concatenate(edge_tokens)  # (num_nodes - 1,): edge e leads to node e + 1
+        del edge_tokens
+        self.terminal = np.packbits(np.concatenate(ends), bitorder="little")
         self.max_fanout = int(np.diff(self.edge_start).max())
 
     # ----- reading the trie ------------------------------------------------------------------------------

@@ -335,7 +335,7 @@ class ImageIndex:
     @cached_property
     def trie(self) -> IdTrie:
         table, lengths = self.token_table()
-        return IdTrie.from_table(table, lengths, self.eos_token_id, self.pad_token_id)
+        return IdTrie.from_table(table, lengths, self.eos_token_id, self.pad_token_id, order=self._tokens.order)
 
     # ----- image files -----------------------------------------------------------------------------
     def record_image_paths(self, paths: Sequence[str | None]) -> None:
