@@ -90,8 +90,8 @@ class ImageIndex:
                     scheme_info)
 
     def _setup(self, keys: KeyColumn, tokens: TokenTable, id_strings: IdStrings, scheme: str, eos_token_id: int,
-               pad_token_id: int, added_tokens: Sequence[str], embeddings, scheme_info, source: str | None = None
-               ) -> None:
+               pad_token_id: int, added_tokens: Sequence[str], embeddings, scheme_info, source: str | None = None,
+               rows_checked: bool = False) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
         if not (len(keys) == len(tokens) == len(id_strings)):
@@ -111,7 +111,7 @@ class ImageIndex:
             if 0 <= self.eos_token_id - base <= np.iinfo(column.dtype).max and bool(
                     ((column == self.eos_token_id - base) & (tokens.lengths > d)).any()):
                 raise ValueError("An identifier contains the eos token; eos may only end it.")
-        duplicate = tokens.first_duplicate() if len(tokens) > 1 else None
+        duplicate = tokens.first_duplicate() if len(tokens) > 1 and not rows_checked else None
         if duplicate is not None:
             previous, position = duplicate
             raise ValueError(
@@ -504,7 +504,8 @@ class ImageIndex:
         check_row_order(tokens.padded_columns(), tokens.order, source)
         index = cls.__new__(cls)
         index._setup(keys, tokens, id_strings, header["scheme"], header["eos_token_id"], header["pad_token_id"],
-                     header.get("added_tokens", []), embeddings, header.get("scheme_info"), source)
+                     header.get("added_tokens", []), embeddings, header.get("scheme_info"), source,
+                     rows_checked=True)  # check_row_order above: the rows are distinct
         if "image_file_bytes" in arrays:
             present = arrays.get("image_file_present")
             files = StringColumn(arrays["image_file_bytes"], arrays["image_file_offsets"],

@@ -21,36 +21,51 @@ def smallest_unsigned(span: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def lexicographic_order(columns: Sequence[np.ndarray]) -> np.ndarray:
-    """Stable order of rows given column by column (integers >= -1, -1 past a row's end, so a shorter row sorts
-    before its extensions). Packs the columns into one int64 key and argsorts it when they fit in 63 bits (ids
-    of a few small codes: several times faster than `np.lexsort`), else `np.lexsort`."""
+def _packed_keys(columns: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One int64 per row that sorts as the rows do (columns of integers >= -1), or None when they need more than
+    63 bits."""
     bits = [int(int(column.max()) + 1).bit_length() if len(column) else 1 for column in columns]
     if sum(bits) > 63:
-        return np.lexsort([column for column in columns][::-1])
+        return None
     key = np.zeros(len(columns[0]) if columns else 0, dtype=np.int64)
     for column, width in zip(columns, bits):
         key <<= width
         key |= column.astype(np.int64) + 1
+    return key
+
+
+def lexicographic_order(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """Stable order of rows given column by column (integers >= -1, -1 past a row's end, so a shorter row sorts
+    before its extensions). Packs the columns into one int64 key and argsorts it when they fit in 63 bits (ids
+    of a few small codes: several times faster than `np.lexsort`), else `np.lexsort`."""
+    key = _packed_keys(columns)
+    if key is None:
+        return np.lexsort(list(columns)[::-1])
     return np.argsort(key, kind="stable")
 
 
 def check_row_order(columns: Sequence[np.ndarray], order: np.ndarray, source: str) -> None:
     """`order` is a permutation that sorts the rows strictly (so rows are also distinct); a ValueError if not."""
     n = len(order)
-    seen = np.zeros(n, dtype=bool)
     if n and (int(order.min()) < 0 or int(order.max()) >= n):
         raise ValueError(f"{source}: the identifier order is not a permutation of the images.")
+    seen = np.zeros(n, dtype=bool)
     seen[order] = True
     if not bool(seen.all()):
         raise ValueError(f"{source}: the identifier order is not a permutation of the images.")
-    less = np.zeros(max(n - 1, 0), dtype=bool)
-    decided = np.zeros(max(n - 1, 0), dtype=bool)
-    for column in columns:
-        a, b = column[order[:-1]], column[order[1:]]
-        less |= ~decided & (a < b)
-        decided |= a != b
-    if not bool(less.all()):
+    key = _packed_keys(columns)
+    if key is not None:
+        ordered = key[order]
+        increasing = bool((ordered[1:] > ordered[:-1]).all())
+    else:
+        less = np.zeros(max(n - 1, 0), dtype=bool)
+        decided = np.zeros(max(n - 1, 0), dtype=bool)
+        for column in columns:
+            a, b = column[order[:-1]], column[order[1:]]
+            less |= ~decided & (a < b)
+            decided |= a != b
+        increasing = bool(less.all())
+    if not increasing:
         raise ValueError(f"{source}: two images share identifier tokens, or the identifier order is not sorted.")
 
 
