@@ -235,6 +235,8 @@ def test_decode_accepts_only_whole_ids_followed_by_padding(tokenizer):
              [pad] + ids[0] + [ids[0][-1], eos] + [pad] * (width - len(ids[0]) - 2)]  # one token too many
     assert index.decode(np.asarray(rows)).tolist() == [3, 17, 39, -1, -1, -1, -1]
     assert index.position_of_label(ids[1] + [eos, -100, -100]) == 17 and index.position_of_label([]) == -1
+    short = ImageIndex(["a", "ab"], ["a", "ab"], [[10], [10, 20]], "naive", eos, pad)  # column 1 starts at 20
+    assert short.position_of_label([10, 19, eos]) == -1 and short.position_of_label([10, 20, eos]) == 1
     assert index.positions_of([KEYS[5], "nope", KEYS[0]]).tolist() == [5, -1, 0]
     assert KEYS[5] in index.keys and "nope" not in index.position_of_key and index.keys[-1] == KEYS[-1]
     with pytest.raises(KeyError):
@@ -321,6 +323,10 @@ def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokeni
         ImageIndex.load(tmp_path / "a")
     ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "a", columns=True)
     assert index_files(tmp_path / "a") == index_files(tmp_path / "b")
+    from vit_t5_dsi.image_index import index_file_names
+
+    (tmp_path / "a" / "config.json").write_text("{}")
+    assert index_file_names(tmp_path / "a") == index_files(tmp_path / "b")
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):

@@ -57,6 +57,17 @@ def checkpoint_file(name_or_path: str | os.PathLike, filename: str, subfolder: s
         return None
 
 
+def index_file_names(directory: str | os.PathLike) -> list[str]:
+    """The files of an index saved in `directory` that exist there: `image_index.json`, its columns files
+    (`image_index-<digest>.safetensors`, stale ones included) and `image_embeddings.safetensors`. For code that
+    clears or checks a model's state (their names are not all fixed)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory)
+                  if name in (INDEX_FILE_NAME, EMBEDDINGS_FILE_NAME)
+                  or (name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX)))
+
+
 class ImageIndex:
     """The collection a model memorises: for each image key, its identifier string and token ids.
 
@@ -603,5 +614,5 @@ class ImageIndex:
                     "load the tokenizer saved with the checkpoint.")
 
 
-__all__ = ["ImageIndex", "checkpoint_file", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME", "SCHEMES",
-           "EMBEDDING_SCHEMES"]
+__all__ = ["ImageIndex", "checkpoint_file", "index_file_names", "JSON_LIMIT", "INDEX_FILE_NAME",
+           "EMBEDDINGS_FILE_NAME", "SCHEMES", "EMBEDDING_SCHEMES"]

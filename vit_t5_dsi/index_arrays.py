@@ -287,6 +287,7 @@ class TokenTable:
         for d in range(self.width):
             inside = fits & (lengths > d)
             value = rows[:, d] - self.bases[d] if d < rows.shape[1] else np.zeros(len(rows), dtype=np.int64)
+            fits &= ~inside | ((value >= 0) & (value <= np.iinfo(self.columns[d].dtype).max))  # no such token here
             queries[:, d] = np.where(inside, value, -1)
         order, n = self.order, len(self)
         lo, hi = np.zeros(len(rows), dtype=np.int64), np.full(len(rows), n, dtype=np.int64)
@@ -298,7 +299,8 @@ class TokenTable:
             lo = np.where(searching & less, mid + 1, lo)
             hi = np.where(searching & ~less, mid, hi)
         position = order[np.minimum(lo, n - 1)].astype(np.int64)
-        equal = (lo < n) & fits & (self._query_table(position) == queries).all(1)
+        equal = (lo < n) & fits & (self._query_table(position) == queries).all(1)  # `fits`: a token below a
+        # column's base would read as -1, "past the end", and match a shorter id
         return np.where(equal, position, -1)
 
     def _query_table(self, positions: np.ndarray) -> np.ndarray:
@@ -435,5 +437,5 @@ def _infer_pieces(id_strings: Sequence[str], token_rows, max_pieces: int) -> dic
     return pieces
 
 
-__all__ = ["lexicographic_order", "check_row_order", "KeyColumn", "KeyPositions", "TokenTable", "TokenRows", "StringColumn", "IdStrings",
-           "smallest_unsigned"]
+__all__ = ["lexicographic_order", "check_row_order", "KeyColumn", "KeyPositions", "TokenTable", "TokenRows",
+           "StringColumn", "IdStrings", "smallest_unsigned"]
