@@ -28,6 +28,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
+from .atomic_io import save_directory_atomically
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
 from .optional_imports import optional_import
@@ -147,15 +148,22 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
         `push_to_hub=True` all of it is uploaded."""
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
                if key in kwargs}
-        os.makedirs(save_directory, exist_ok=True)
-        timestamps = self._get_files_timestamps(save_directory) if push_to_hub else {}
+        timestamps = self._get_files_timestamps(save_directory) if push_to_hub and os.path.isdir(save_directory) else {}
         # `pipeline("text-to-image-retrieval", model=save_directory, trust_remote_code=True)` finds its code here
         self.config.custom_pipelines = custom_pipeline_entry(self.config.variant)
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
+            super().save_pretrained(save_directory, is_main_process=False, **kwargs)
             return
-        if self.image_index is not None:
-            self.image_index.save(save_directory)
+        save_weights_and_config = super().save_pretrained
+
+        def write(folder: str) -> None:
+            save_weights_and_config(folder, **kwargs)
+            if self.image_index is not None:
+                self.image_index.save(folder)
+
+        # written into a folder of its own first: a full disk leaves the previous save loadable (DiskFullError
+        # names the folder), and every file gets ordinary permissions (safetensors writes model.safetensors 0600)
+        save_directory_atomically(save_directory, write)
         if push_to_hub:  # uploaded here, after the index is written, so the pushed repo is complete
             from transformers.utils.hub import hf_api
 

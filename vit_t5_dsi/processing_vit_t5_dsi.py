@@ -7,9 +7,12 @@ checkpoint carries what turns a user's images and captions into model inputs, an
 
 from __future__ import annotations
 
+import os
+
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
+from .atomic_io import save_directory_atomically
 from .image_processing import to_rgb
 from .optional_imports import optional_import
 
@@ -38,6 +41,26 @@ class ViTT5DSIProcessor(ProcessorMixin):
             features.update(self.tokenizer(text, padding=True, truncation=True, max_length=self.max_caption_length,
                                            return_tensors=return_tensors, **kwargs))
         return BatchFeature(features)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """transformers' save, written into a folder of its own first (see `save_directory_atomically`): a full
+        disk leaves the previous files loadable and raises `DiskFullError` naming the folder, and every file gets
+        ordinary permissions. With `push_to_hub=True` the saved files are then uploaded, as transformers does."""
+        save_directory = os.fspath(save_directory)
+        if push_to_hub:
+            from transformers.utils.hub import hf_api
+
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", save_directory.split(os.path.sep)[-1])
+            repo_id = hf_api().create_repo(repo_id, exist_ok=True, **kwargs).repo_id
+            timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+        save = super().save_pretrained
+        files, _ = save_directory_atomically(save_directory, lambda folder: save(folder, **kwargs))
+        files = [os.path.join(save_directory, os.path.basename(path)) for path in files]  # not the staging folder
+        if push_to_hub:
+            self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=commit_message,
+                                        token=kwargs.get("token"))
+        return files
 
     @property
     def image_size(self) -> int:
