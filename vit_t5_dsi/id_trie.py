@@ -34,6 +34,18 @@ def padded_token_table(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, 
     return table, lengths
 
 
+def _column_reader(columns: Sequence[np.ndarray], bases: Sequence[int] | None = None):
+    """`read(d, rows=None)`: the d-th tokens (`columns[d] + bases[d]`) of all rows, or of `rows`."""
+    bases = [0] * len(columns) if bases is None else [int(b) for b in bases]
+
+    def read(depth: int, rows: np.ndarray | None = None) -> np.ndarray:
+        values = columns[depth] if rows is None else columns[depth][rows]
+        values = values.astype(np.int64 if bases[depth] or values.dtype.itemsize > 4 else np.int32)
+        return values + bases[depth] if bases[depth] else values
+
+    return read
+
+
 class IdTrie:
     """Prefix tree of token sequences; after a complete sequence only `eos`, after eos only `pad`/`eos`.
 
@@ -49,7 +61,8 @@ class IdTrie:
         if len(sequences) == 0:
             raise ValueError("Cannot build an identifier trie from zero identifiers.")
         table, lengths = padded_token_table(sequences)
-        self._build(table, lengths, eos_token_id, pad_token_id)
+        self._build(_column_reader([table[:, d] for d in range(table.shape[1])]), table.shape[1], lengths,
+                    eos_token_id, pad_token_id)
 
     @classmethod
     def from_table(cls, table: np.ndarray, lengths: np.ndarray | None, eos_token_id: int, pad_token_id: int,
@@ -63,32 +76,47 @@ class IdTrie:
         if lengths is None:
             negative = table < 0
             lengths = np.where(negative.any(1), negative.argmax(1), table.shape[1])
+        return cls.from_columns([table[:, d] for d in range(table.shape[1])], lengths, eos_token_id, pad_token_id,
+                                order)
+
+    @classmethod
+    def from_columns(cls, columns: Sequence[np.ndarray], lengths: np.ndarray, eos_token_id: int, pad_token_id: int,
+                     order: np.ndarray | None = None, bases: Sequence[int] | None = None) -> "IdTrie":
+        """From the token table given column by column: row i's d-th token is `columns[d][i] + bases[d]` (bases
+        default to 0) for d < lengths[i]. Columns may be narrow unsigned arrays (an index's `TokenTable`): no
+        (N, max_len) table is ever built."""
+        if len(columns) == 0 or len(columns[0]) == 0:
+            raise ValueError("Cannot build an identifier trie from zero identifiers.")
         trie = cls.__new__(cls)
-        trie._build(table, np.asarray(lengths), eos_token_id, pad_token_id, order)
+        trie._build(_column_reader(columns, bases), len(columns), np.asarray(lengths), eos_token_id, pad_token_id,
+                    order)
         return trie
 
-    def _build(self, table: np.ndarray, lengths: np.ndarray, eos_token_id: int, pad_token_id: int,
+    def _build(self, column, width: int, lengths: np.ndarray, eos_token_id: int, pad_token_id: int,
                order: np.ndarray | None = None) -> None:
         """One pass per depth over the rows in lexicographic order: the first row of each distinct prefix of
-        length d + 1 is a new node at depth d + 1, numbered in that order, which is breadth-first order."""
+        length d + 1 is a new node at depth d + 1, numbered in that order, which is breadth-first order.
+        `column(d, rows=None)` gives the d-th tokens of all rows (or of `rows`), meaningless past a row's end."""
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
-        n, width = table.shape
+        n = len(lengths)
         if int(lengths.min()) <= 0:
             raise ValueError("An identifier has no tokens.")
         if int(lengths.max()) > width:
             raise ValueError("An identifier is longer than the token table.")
         max_token = 0
         for depth in range(width):  # column by column: no copy of the whole table
-            values = table[lengths > depth, depth]
+            values = column(depth, np.flatnonzero(lengths > depth))
             if int(values.min()) < 0:
                 raise ValueError("Identifier token ids must be non-negative.")
+            if int(values.max()) >= 2 ** 31:
+                raise ValueError("Identifier token ids must be below 2**31.")
             if bool((values == self.eos_token_id).any()):
                 raise ValueError("An identifier contains the eos token; eos may only end it.")
             max_token = max(max_token, int(values.max()))
             del values
         self.max_length = width + 1  # + eos
         if order is None:  # rows sharing a prefix become contiguous, a shorter row before its extensions
-            order = lexicographic_order([np.where(lengths > d, table[:, d], -1).astype(np.int32)
+            order = lexicographic_order([np.where(lengths > d, column(d), -1).astype(np.int32)
                                          for d in range(width)])
         index_dtype = np.int32 if int(lengths.sum()) < 2 ** 31 - 1 else np.int64  # nodes <= 1 + all tokens
         token_dtype = np.uint16 if max_token < 2 ** 16 else np.int32
@@ -99,14 +127,14 @@ class IdTrie:
         node = np.zeros(n, dtype=index_dtype)  # each row's node at the current depth
         level_start, level_size, next_node = 0, 1, 1  # depth 0: the root alone
         for depth in range(width):
-            column = table[order, depth].astype(np.int32, copy=False)
+            tokens = column(depth, order).astype(np.int32, copy=False)
             active = sorted_lengths > depth
-            column[~active] = -1
-            changed[1:] |= column[1:] != column[:-1]
+            tokens[~active] = -1
+            changed[1:] |= tokens[1:] != tokens[:-1]
             new = changed & active  # the first row of each distinct prefix of length depth + 1: a new node
             child_counts.append(np.bincount(node[new] - level_start, minlength=level_size).astype(index_dtype))
-            edge_tokens.append(column[new].astype(token_dtype))
-            del column
+            edge_tokens.append(tokens[new].astype(token_dtype))
+            del tokens
             numbers = np.cumsum(new, dtype=index_dtype)
             numbers += next_node - 1
             np.copyto(node, numbers, where=active)

@@ -345,8 +345,9 @@ class ImageIndex:
     # ----- the decoding constraint -----------------------------------------------------------------
     @cached_property
     def trie(self) -> IdTrie:
-        table, lengths = self.token_table()
-        return IdTrie.from_table(table, lengths, self.eos_token_id, self.pad_token_id, order=self._tokens.order)
+        tokens = self._tokens
+        return IdTrie.from_columns(tokens.columns, tokens.lengths, self.eos_token_id, self.pad_token_id,
+                                   order=tokens.order, bases=tokens.bases)
 
     # ----- image files -----------------------------------------------------------------------------
     def record_image_paths(self, paths: Sequence[str | None]) -> None:
