@@ -27,7 +27,7 @@ from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_m
 from vit_t5_dsi.arguments import (DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args,
                                   pseudo_query_epochs, pseudo_query_fractions, resolve_recipe,
                                   rq_codes_per_level)
-from vit_t5_dsi.atomic_io import atomic_write_text
+from vit_t5_dsi.atomic_io import atomic_write_text, disk_full_errno
 from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
 from vit_t5_dsi.collection import check_images
 from vit_t5_dsi.collection_from_flags import collection_for
@@ -36,7 +36,7 @@ from vit_t5_dsi.dense_reranking import DenseReranker
 from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
 from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
 from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.dsi_trainer import DSITrainer
+from vit_t5_dsi.dsi_trainer import DSITrainer, checkpoint_is_complete
 from vit_t5_dsi.errors import UsageError
 from vit_t5_dsi.image_index import EMBEDDING_SCHEMES
 from vit_t5_dsi.image_embeddings import embed_images
@@ -248,6 +248,9 @@ def main(argv=None) -> dict[str, float]:
     resume_dir = training_args.resume_from_checkpoint
     if resume_dir is not None and not os.path.isdir(resume_dir):
         raise UsageError(f"--resume_from_checkpoint {resume_dir}: no such checkpoint directory.")
+    if resume_dir is not None and not checkpoint_is_complete(resume_dir):
+        raise UsageError(f"--resume_from_checkpoint {resume_dir}: the checkpoint is incomplete (the run stopped while "
+                         "writing it, or an older version wrote it). Resume from the one before it.")
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resume_dir is not None,
                      model_args.dense_first)
     with training_args.main_process_first(desc="clearing the previous run"):
@@ -320,6 +323,9 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
                        dense_dir: str | None = None, dense_metrics: dict[str, float] | None = None
                        ) -> dict[str, float]:
     """One model: build (or load) it and its ids, train, evaluate, save results, card and protocol."""
+    # Seeded here, per model: the generative model then starts the same whether the dense stage before it was
+    # trained in this process or reused from an earlier, interrupted run (training it consumes random numbers).
+    set_seed(training_args.seed)
     model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir,
                                            dense_dir)
     if dense_dir and model_args.start_from_dense and resume_dir is None and model_args.model_name_or_path is None:
@@ -432,6 +438,13 @@ def cli() -> None:
         main()
     except UsageError as err:
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as err:  # Trainer's own writes (trainer_state.json, results) on a full disk: one line too
+        code = disk_full_errno(err)
+        if code is None:
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {err.filename or 'a file'}: {os.strerror(code)}",
+              file=sys.stderr, flush=True)
         sys.exit(2)
 
 

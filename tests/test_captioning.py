@@ -203,7 +203,8 @@ def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise
     assert not_written.captioning_ratio == 0.5 and not_written.pseudo_query_at == "none"
     by_epoch = DataArguments(pseudo_query_epochs="5")  # epochs named: no fractions on top
     resolve_recipe(ModelArguments(), by_epoch)
-    assert by_epoch.pseudo_query_at is None and by_epoch.pseudo_query_filter_top_k == 3
+    assert by_epoch.pseudo_query_at is None
+    assert by_epoch.pseudo_query_filter_top_k == RECIPE_PSEUDO_QUERIES["pseudo_query_filter_top_k"]
     from_file = DataArguments(pseudo_queries="pq.jsonl")
     resolve_recipe(ModelArguments(), from_file)
     assert from_file.captioning_ratio == 0.0 and from_file.pseudo_query_at is None

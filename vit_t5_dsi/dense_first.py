@@ -15,7 +15,6 @@ import shutil
 
 import torch
 
-from transformers.trainer_utils import get_last_checkpoint
 
 DENSE_FIRST_DIR = "dual_encoder"
 # what a finished dense stage leaves (written by the final save, after its last checkpoint)
@@ -80,8 +79,13 @@ def finished_dense_model(directory: str) -> bool:
 
 
 def last_checkpoint(directory: str) -> str | None:
-    """The latest `checkpoint-N` of an interrupted dense stage (it resumes from there), or None."""
-    return get_last_checkpoint(directory) if os.path.isdir(directory) else None
+    """The latest complete `checkpoint-N` of an interrupted dense stage (it resumes from there), or None; a
+    folder the run was killed while writing is skipped."""
+    from .dsi_trainer import checkpoint_is_complete
+
+    complete = [path for path in glob.glob(os.path.join(directory, "checkpoint-*"))
+                if os.path.basename(path).split("-")[-1].isdigit() and checkpoint_is_complete(path)]
+    return max(complete, key=lambda path: int(path.rsplit("-", 1)[-1])) if complete else None
 
 
 def remove_checkpoints(directory: str) -> None:

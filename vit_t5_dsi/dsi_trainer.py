@@ -22,7 +22,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
 from .dsi_data import DSICollator, ImageSource
-from .atomic_io import atomic_write_text
+from .atomic_io import atomic_write_text, disk_full_error
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 RESUME_STATE_FILE = "dsi_trainer_state.json"
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                      RESUME_STATE_FILE, REFRESH_STATE_FILE)
+
+
+def checkpoint_is_complete(folder: str) -> bool:
+    """A checkpoint DSITrainer finished writing (its last file is `dsi_trainer_state.json`)."""
+    return os.path.isfile(os.path.join(folder, RESUME_STATE_FILE))
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -247,17 +252,31 @@ class DSITrainer(Seq2SeqTrainer):
             return json.load(f).get("total_loss")
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, plus the training loss summed so far: Trainer reports `train_loss` as the mean
-        over the steps of one `train()` call, so a resumed run would report the mean of its last part only."""
-        super()._save_checkpoint(model, trial)
-        # the steps not yet logged, averaged over processes as Trainer's logging does (a collective: every process)
-        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
-        if self.is_world_process_zero():
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        """Trainer's checkpoint, then the state of callbacks that keep some (pseudo-queries), then
+        `dsi_trainer_state.json` last: the training loss summed so far (Trainer reports `train_loss` as the mean
+        over one `train()` call, so a resumed run would report the mean of its last part only) and the mark that
+        the checkpoint is complete. A run killed while saving leaves a folder without it, which resuming refuses
+        (`checkpoint_is_complete`). A save that fails (a full disk) removes its half-written folder and names it."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            atomic_write_text(os.path.join(folder, RESUME_STATE_FILE),
-                              json.dumps({"total_loss": self._total_loss_scalar + pending}))
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+            # the steps not yet logged, averaged over processes as Trainer's logging does (a collective)
+            pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+            if self.is_world_process_zero():
+                for callback in self.callback_handler.callbacks:
+                    if hasattr(callback, "save_to_checkpoint"):
+                        callback.save_to_checkpoint(folder)
+                atomic_write_text(os.path.join(folder, RESUME_STATE_FILE),
+                                  json.dumps({"total_loss": self._total_loss_scalar + pending}))
+        except Exception as err:
+            if self.is_world_process_zero() and not checkpoint_is_complete(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            full = disk_full_error(err, folder)
+            if full is not None and full is not err:
+                raise full from err
+            raise
 
     def _finalize_training(self, trial, num_train_samples, start_time):
         """A resumed run's `train_loss` is the mean over every step of the run, as if it had not been interrupted."""
@@ -324,9 +343,8 @@ class DSITrainer(Seq2SeqTrainer):
         text = render_model_card(model, metrics, name, where,
                                  dataset or f"a collection of {len(model.image_index)} images", training,
                                  tags[0] if tags else None)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(text)
+        atomic_write_text(os.path.join(args.output_dir, "README.md"), text)
 
 
-__all__ = ["DSITrainer", "RESUME_ONLY_FILES", "CheckpointMismatchError", "load_checkpoint_weights"]
+__all__ = ["DSITrainer", "RESUME_ONLY_FILES", "CheckpointMismatchError", "load_checkpoint_weights",
+           "checkpoint_is_complete"]

@@ -255,20 +255,17 @@ class PseudoQueryRefresh(TrainerCallback):
                         epoch, summary["num_pseudo_queries"], summary["num_images"], time.perf_counter() - start,
                         f"{summary['writer_caption_bleu']:.1f}" if "writer_caption_bleu" in summary else "-")
 
-    def on_save(self, args, state, control, **kwargs):
+    def save_to_checkpoint(self, checkpoint: str) -> None:
         """Every checkpoint gets the pseudo-queries and which refreshes are done, so a resumed run neither
-        repeats nor skips one."""
-        if state.is_world_process_zero:
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(checkpoint):
-                if len(self.store):
-                    self.store.save(os.path.join(checkpoint, PSEUDO_QUERIES_FILE))
-                atomic_write_text(os.path.join(checkpoint, REFRESH_STATE_FILE), json.dumps({
-                    "refreshed": self.refreshed, "captioning_finished": self.store.captioning_finished,
-                    "captioner_metrics": self.store.captioner_metrics}))
+        repeats nor skips one. DSITrainer calls this (main process) before it marks the checkpoint complete."""
+        if len(self.store):
+            self.store.save(os.path.join(checkpoint, PSEUDO_QUERIES_FILE))
+        atomic_write_text(os.path.join(checkpoint, REFRESH_STATE_FILE), json.dumps({
+            "refreshed": self.refreshed, "captioning_finished": self.store.captioning_finished,
+            "captioner_metrics": self.store.captioner_metrics}))
 
     def restore(self, checkpoint: str, known_keys: Sequence[str]) -> None:
-        """The state `on_save` wrote into `checkpoint` (nothing was refreshed when the file is absent)."""
+        """The state `save_to_checkpoint` wrote into `checkpoint` (nothing was refreshed when the file is absent)."""
         state_path = os.path.join(checkpoint, REFRESH_STATE_FILE)
         if not os.path.isfile(state_path):
             return
