@@ -50,8 +50,9 @@ logger = logging.getLogger("run_dsi_image")
 def new_tokenizer(model_args: ModelArguments, captions: list[str]):
     """A pretrained T5's tokenizer, or one trained on the training captions: on the main process only, then sent
     to the others, and checked identical on every process."""
-    if model_args.text_model_name_or_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.text_model_name_or_path)
+    if model_args.text_model_name_or_path is not None or model_args.tokenizer_name_or_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or
+                                                  model_args.text_model_name_or_path)
     else:
         serialized = None
         if PartialState().is_main_process:

@@ -85,7 +85,7 @@ def assert_same_results(uninterrupted_dir, resumed_dir):
     for key, value in full.items():
         if key.endswith(TIMING_SUFFIXES):
             continue
-        if key == "train_loss":
+        if key.endswith("train_loss"):
             assert resumed[key] == pytest.approx(value, rel=TRAIN_LOSS_TOLERANCE)
         else:
             assert resumed[key] == value, key
@@ -142,7 +142,10 @@ def test_a_dense_stage_killed_mid_run_resumes_to_the_same_results(tmp_path):
     checkpoint and ends with the uninterrupted run's figures."""
     data = tmp_path / "data"
     _run(_tiny_run(tmp_path / "full", data, *RECIPE))
-    args = _tiny_run(tmp_path / "killed", data, *RECIPE)
+    # the killed run trains nothing the full run did not: it takes the full run's tokenizer, since two processes'
+    # BPE training breaks ties differently (words absent from the training captions then split differently)
+    args = _tiny_run(tmp_path / "killed", data, *RECIPE, "--tokenizer_name_or_path",
+                     str(tmp_path / "full" / "dual_encoder"))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_dsi_image.py"), *args], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = tmp_path / "killed" / "dual_encoder" / "checkpoint-8" / "dsi_trainer_state.json"
