@@ -130,6 +130,8 @@ class DSICollator:
         self.decoded_images = DecodedImages(images, processor, image_cache_mb)
         self._crop = None
         self.seed, self.epoch = seed, 0
+        self._positions: dict[str, int] = {}
+        self._label_cache: dict[str, list[int]] = {}
         if augment:
             from torchvision.transforms import RandomResizedCrop
 
@@ -154,6 +156,20 @@ class DSICollator:
                 return self._crop(image)
 
         return crop
+
+    def _position(self, key: str) -> int:
+        """The index answers by binary search over packed keys (compact at catalogue scale, ~50 us a lookup); a
+        training run asks for the same keys every epoch, so the collator keeps what it has looked up."""
+        position = self._positions.get(key)
+        if position is None:
+            position = self._positions[key] = self.index.position_of_key[key]
+        return position
+
+    def _labels(self, key: str) -> list[int]:
+        labels = self._label_cache.get(key)
+        if labels is None:
+            labels = self._label_cache[key] = self.index.labels_for(key)
+        return labels
 
     def _text(self, captions):
         return dict(self.processor(text=captions))
@@ -200,7 +216,7 @@ class DSICollator:
                 batch["pixel_values"] = self._pixels([r["image_key"] for r in images])
             else:
                 batch.update(self._text([r["caption"] for r in captions]))
-            batch["gold_index"] = torch.tensor([self.index.position_of_key[r["image_key"]] for r in query_rows])
+            batch["gold_index"] = torch.tensor([self._position(r["image_key"]) for r in query_rows])
             batch["query_id"] = torch.tensor([r["query_id"] for r in query_rows])
             if captions:  # the raw text, for a re-ranker with its own tokenizer (a list: never sent to a device)
                 batch["query_text"] = [r["caption"] for r in captions]
@@ -209,16 +225,16 @@ class DSICollator:
             keys = [r["image_key"] for r in captions]
             batch["pixel_values"] = self._pixels(keys, training=True, rows=captions)
             batch.update(self._text([r["caption"] for r in captions]))
-            batch["labels"] = torch.tensor([self.index.position_of_key[k] for k in keys])
+            batch["labels"] = torch.tensor([self._position(k) for k in keys])
             return batch
         image_rows = images + captioning
         if image_rows:
             batch["pixel_values"] = self._pixels([r["image_key"] for r in image_rows], training=True, rows=image_rows)
         if captions:
             batch.update(self._text([r["caption"] for r in captions]))
-        labels = ([self.index.labels_for(r["image_key"]) for r in images]
+        labels = ([self._labels(r["image_key"]) for r in images]
                   + (self._caption_labels([r["caption"] for r in captioning]) if captioning else [])
-                  + [self.index.labels_for(r["image_key"]) for r in captions])
+                  + [self._labels(r["image_key"]) for r in captions])
         batch["labels"] = self._pad(labels)
         return batch
 
