@@ -106,8 +106,12 @@ def test_resume_after_a_kill_reaches_the_same_final_step_with_the_same_index(tmp
     assert (tmp_path / "out" / "image_index.json").read_text() == index_before
 
 
-def test_wandb_offline_logs_losses_and_hits(tmp_path):
+def test_wandb_offline_logs_losses_and_hits(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="install the 'wandb' extra: pip install -e '.[wandb]'")
+    # a wandb run started in this test process earlier (in-process runs of other tests) leaves variables naming
+    # its service; a subprocess that inherits them logs to that service instead of its own run file
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""}
     result = run_script(tiny_args(tmp_path, "--report_to", "wandb", "--run_name", "dsi-test"), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
