@@ -182,17 +182,21 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
     return index
 
 
-def dense_reranker(model_args, index: ImageIndex, dense_dir: str | None) -> DenseReranker | None:
-    """The dual encoder that re-ranks the beam (--rerank_with) and filters pseudo-queries: the one --rerank_with
-    names, else the one --dense_first trained (None for the dual encoder itself, which ranks on its own)."""
-    if model_args.variant == "dual_encoder":
+def dense_reranker(model_args, data_args, index: ImageIndex, dense_dir: str | None,
+                   dense_model=None) -> DenseReranker | None:
+    """The dual encoder that re-ranks the beam (--rerank_with) and filters pseudo-queries
+    (--pseudo_query_filter_top_k): the one --rerank_with names, else the one --dense_first trained (`dense_model`,
+    already loaded). None when neither needs one, and for the dual encoder itself, which ranks on its own."""
+    needed = model_args.rerank_with is not None or data_args.pseudo_query_filter_top_k
+    if model_args.variant == "dual_encoder" or not needed:
         return None
-    source = model_args.rerank_with
-    source = dense_dir if source in (None, "dense_first") else source
-    if source is None:
-        return None
+    source = dense_dir if model_args.rerank_with in (None, "dense_first") else model_args.rerank_with
     try:
-        reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
+        if source == dense_dir and dense_model is not None:
+            reranker = DenseReranker(dense_model, ViTT5DSIProcessor.from_pretrained(dense_dir),
+                                     model_args.rerank_weight)
+        else:
+            reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
         reranker.embeddings_for(index)
     except (OSError, ValueError) as err:
         raise UsageError(f"--rerank_with {model_args.rerank_with or 'dense_first'}: {err}") from err
@@ -329,8 +333,9 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
     set_seed(training_args.seed)
     model, processor = model_and_processor(model_args, data_args, splits.train_queries["caption"][:], resume_dir,
                                            dense_dir)
-    if dense_dir and model_args.start_from_dense and resume_dir is None and model_args.model_name_or_path is None:
-        copied = start_from_dense(model, load_dsi_model(dense_dir))
+    dense_model = load_dsi_model(dense_dir) if dense_dir else None  # towers to start from, re-ranker, filter
+    if dense_model is not None and model_args.start_from_dense and resume_dir is None:
+        copied = start_from_dense(model, dense_model)
         logger.info("The generative model starts from the dual encoder's image tower, T5 encoder and token "
                     "embeddings (%d tensors, --start_from_dense).", copied)
     captioning = data_args.captioning_ratio > 0 or getattr(model.config, "caption_token_id", None) is not None
@@ -356,13 +361,11 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
         model.config.caption_suppress_token_ids = index.identifier_only_token_ids(
             processor.tokenizer(splits.train_queries["caption"][:], add_special_tokens=False)["input_ids"])
 
-    reranker = dense_reranker(model_args, index, dense_dir)
+    reranker = dense_reranker(model_args, data_args, index, dense_dir, dense_model)
     references = caption_references(splits)
-    query_filter = None
-    if data_args.pseudo_query_filter_top_k and model.config.variant != "dual_encoder":
-        if reranker is None:
-            raise UsageError("--pseudo_query_filter_top_k needs a dual encoder: --dense_first or --rerank_with.")
-        query_filter = RoundTripFilter(reranker, index, data_args.pseudo_query_filter_top_k)
+    # check_arguments made sure a dual encoder exists when the filter is on
+    query_filter = (RoundTripFilter(reranker, index, data_args.pseudo_query_filter_top_k)
+                    if data_args.pseudo_query_filter_top_k and reranker is not None else None)
     store, refresh = pseudo_queries_for(data_args, splits, images, processor, references, resume_dir, training_args,
                                         query_filter)
     slots = {key: len(store.for_key(key)) for key in store.queries} if refresh is None else {

@@ -24,8 +24,8 @@ FINISHED_FILES = ("config.json", "model.safetensors", "image_index.json", "image
 
 def dense_stage_arguments(model_args, data_args, training_args):
     """The flags of the dense stage: the same data, seed, batch and schedule shape, the dual-encoder variant, its
-    own output directory and budget (--dense_first_epochs, else a share of the generative one); no captioning or pseudo-queries (they belong to the generative model), no
-    push (the generative run pushes)."""
+    own output directory and budget (--dense_first_epochs, else a share of the generative one); no captioning or
+    pseudo-queries (they belong to the generative model), no push (the generative run pushes)."""
     directory = os.path.join(training_args.output_dir, DENSE_FIRST_DIR)
     from .arguments import DENSE_FIRST_SHARE
 

@@ -158,8 +158,8 @@ class RoundTripFilter:
         pairs = [(key, text) for key, texts in queries.items() for text in texts]
         if not pairs:
             return queries
-        position = self.index.position_of_key
-        ranks = self.reranker.gold_ranks([t for _, t in pairs], [position[k] for k, _ in pairs], self.index)
+        gold = self.index.positions_of([key for key, _ in pairs]).tolist()
+        ranks = self.reranker.gold_ranks([text for _, text in pairs], gold, self.index)
         by_key: dict[str, list[tuple[int, int, str]]] = {}
         for order, ((key, text), rank) in enumerate(zip(pairs, ranks.tolist())):
             by_key.setdefault(key, []).append((rank, order, text))
