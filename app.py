@@ -18,8 +18,8 @@ import sys
 import time
 
 from vit_t5_dsi import RETRIEVAL_TASK, ViTT5DSIProcessor, load_dsi_model
-from vit_t5_dsi.dense_first import DENSE_FIRST_DIR
-from vit_t5_dsi.image_index import checkpoint_file
+from vit_t5_dsi.training.dense_stage import DENSE_FIRST_DIR
+from vit_t5_dsi.checkpoint.image_index_files import checkpoint_file
 
 DEFAULT_MODEL = "dsi_demo_output"
 EXAMPLE_QUERY = "a large red circle in the top left"

@@ -23,26 +23,27 @@ import transformers
 from accelerate import PartialState
 from transformers import AutoTokenizer, set_seed
 
-from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dsi_model, model_class_for_variant
-from vit_t5_dsi.arguments import (DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args,
-                                  pseudo_query_epochs, pseudo_query_fractions, resolve_recipe,
-                                  rq_codes_per_level)
-from vit_t5_dsi.atomic_io import atomic_write_text, disk_full_errno
-from vit_t5_dsi.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
-from vit_t5_dsi.collection import check_images
-from vit_t5_dsi.collection_from_flags import collection_for
-from vit_t5_dsi.dense_first import dense_stage_arguments, finished_dense_model, remove_checkpoints, start_from_dense
-from vit_t5_dsi.dense_reranking import DenseReranker
-from vit_t5_dsi.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
-from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
-from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.dsi_trainer import DSITrainer, checkpoint_is_complete
-from vit_t5_dsi.errors import UsageError
-from vit_t5_dsi.image_index import EMBEDDING_SCHEMES
-from vit_t5_dsi.image_embeddings import embed_images
-from vit_t5_dsi.model_card import metrics_table
-from vit_t5_dsi.output_dir import check_output_dir, clear_previous_run
-from vit_t5_dsi.pseudo_queries import PSEUDO_QUERIES_FILE, PseudoQueries, PseudoQueryRefresh, RoundTripFilter
+from vit_t5_dsi.identifiers.build import build_image_index, initialise_code_embeddings
+from vit_t5_dsi import (ImageIndex, ViTT5DSIConfig, ViTT5DSIProcessor, load_dense_reranker, load_dsi_model,
+                        model_class_for_variant)
+from vit_t5_dsi.training.arguments import DataArguments, DSITrainingArguments, ModelArguments, check_arguments, parse_args
+from vit_t5_dsi.training.recipe import pseudo_query_epochs, pseudo_query_fractions, resolve_recipe, rq_codes_per_level
+from vit_t5_dsi.checkpoint.atomic_io import atomic_write_text, disk_full_errno
+from vit_t5_dsi.data.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer
+from vit_t5_dsi.data.collection import check_images
+from vit_t5_dsi.data.collection_from_flags import collection_for
+from vit_t5_dsi.training.dense_stage import dense_stage_arguments, finished_dense_model, remove_checkpoints, start_from_dense
+from vit_t5_dsi.checkpoint.dense_reranking import DenseReranker
+from vit_t5_dsi.training.distributed import broadcast_from_main, check_identical_on_every_process, end_distributed_run
+from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
+from vit_t5_dsi.data.splits import build_dsi_splits
+from vit_t5_dsi.training.trainer import DSITrainer, checkpoint_is_complete
+from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.image_index import EMBEDDING_SCHEMES
+from vit_t5_dsi.training.image_embeddings import embed_images
+from vit_t5_dsi.training.model_card import metrics_table
+from vit_t5_dsi.training.output_dir import check_output_dir, clear_previous_run
+from vit_t5_dsi.training.pseudo_queries import PSEUDO_QUERIES_FILE, PseudoQueries, PseudoQueryRefresh, RoundTripFilter
 
 logger = logging.getLogger("run_dsi_image")
 
@@ -166,9 +167,11 @@ def image_index_for(model_args, model, processor, splits, images, resume_dir, tr
         embeddings = id_embeddings(model_args, model, keys, images, processor, training_args, dense_dir)
     payload = None
     if training_args.process_index == 0:
-        index = ImageIndex.build(keys, processor.tokenizer, scheme, embeddings, model_args.semantic_num_clusters,
-                                 model_args.semantic_max_leaf_size, training_args.seed, model_args.rq_num_levels,
-                                 rq_codes_per_level(model_args, len(keys)))
+        index = build_image_index(keys, processor.tokenizer, scheme, embeddings=embeddings,
+                                  num_clusters=model_args.semantic_num_clusters,
+                                  max_leaf_size=model_args.semantic_max_leaf_size, seed=training_args.seed,
+                                  rq_num_levels=model_args.rq_num_levels,
+                                  rq_codes_per_level=rq_codes_per_level(model_args, len(keys)))
         logger.info("Built %s ids for %d images (at most %d tokens)%s.", scheme, len(index), index.max_id_length,
                     f": {index.scheme_info}" if index.scheme_info else "")
         payload = {"index": index.to_dict(),
@@ -196,7 +199,7 @@ def dense_reranker(model_args, data_args, index: ImageIndex, dense_dir: str | No
             reranker = DenseReranker(dense_model, ViTT5DSIProcessor.from_pretrained(dense_dir),
                                      model_args.rerank_weight)
         else:
-            reranker = DenseReranker.from_pretrained(source, model_args.rerank_weight)
+            reranker = load_dense_reranker(source, model_args.rerank_weight)
         reranker.embeddings_for(index)
     except (OSError, ValueError) as err:
         raise UsageError(f"--rerank_with {model_args.rerank_with or 'dense_first'}: {err}") from err
@@ -354,7 +357,7 @@ def train_and_evaluate(model_args, data_args, training_args, collection, splits,
     index.check_tokenizer(processor.tokenizer)
     check_identical_on_every_process(index.to_dict(), "image index")
     index.resize_model_embeddings(model)
-    if model_args.rq_code_embeddings and index.initialise_code_embeddings(model, training_args.seed):
+    if model_args.rq_code_embeddings and initialise_code_embeddings(index, model, training_args.seed):
         logger.info("rq code tokens start at their codes' vectors (--rq_code_embeddings).")
     model.image_index = index
     if captioning:  # captions never contain identifier-only tokens (kept in the config for every later caption)

@@ -32,7 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIForConditionalGeneration
-from vit_t5_dsi.id_trie import IdTrie, TrieConstrainedLogitsProcessor
+from vit_t5_dsi.checkpoint.id_trie import IdTrie, TrieConstrainedLogitsProcessor
 
 PAD, EOS = 0, 1
 DIGIT_TOKENS = np.arange(10, 20)  # token ids of "0".."9" in the benchmark's vocabulary

@@ -83,7 +83,7 @@ def coco_keys(n: int):
 
 
 def build_index(n: int):
-    from vit_t5_dsi.image_index import ImageIndex
+    from vit_t5_dsi.checkpoint.image_index import ImageIndex
 
     table, lengths, pieces = rq_table(n)
     return ImageIndex.from_token_table(coco_keys(n), table, lengths, scheme="rq", eos_token_id=EOS,
@@ -125,7 +125,7 @@ class PeakRSS:
 def child_write(n: int, directory: str, baseline_dir: str | None) -> dict:
     import time
 
-    import vit_t5_dsi.image_index  # noqa: F401  (imports are not part of the build time)
+    import vit_t5_dsi.checkpoint.image_index  # noqa: F401  (imports are not part of the build time)
 
     start = time.perf_counter()
     index = build_index(n)
@@ -189,7 +189,7 @@ def child_load(directory: str, traced: bool, package: str) -> dict:
 def child_build(n: int) -> dict:
     import time
 
-    import vit_t5_dsi.image_index as image_index
+    import vit_t5_dsi.checkpoint.image_index as image_index
 
     table, lengths, pieces = rq_table(n)
     keys = coco_keys(n)

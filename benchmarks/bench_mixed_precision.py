@@ -19,8 +19,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_constrained_decoding import naive_ids  # noqa: E402
 
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIForConditionalGeneration  # noqa: E402
-from vit_t5_dsi.image_index import ImageIndex  # noqa: E402
-from vit_t5_dsi.ranking import rank_by_generation  # noqa: E402
+from vit_t5_dsi.checkpoint.image_index import ImageIndex  # noqa: E402
+from vit_t5_dsi.checkpoint.ranking import rank_by_generation  # noqa: E402
 
 
 def train_steps(model, config, batch_size, steps, dtype, device):

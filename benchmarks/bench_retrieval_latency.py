@@ -33,8 +33,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_constrained_decoding import ID_SCHEMES  # noqa: E402
 
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration  # noqa: E402
-from vit_t5_dsi.id_trie import IdTrie, TrieConstrainedLogitsProcessor  # noqa: E402
-from vit_t5_dsi.ranking import rank_by_similarity  # noqa: E402
+from vit_t5_dsi.checkpoint.id_trie import IdTrie, TrieConstrainedLogitsProcessor  # noqa: E402
+from vit_t5_dsi.checkpoint.ranking import rank_by_similarity  # noqa: E402
 
 PAD, EOS, QUERY_TOKENS, K = 0, 1, 12, 10
 VOCAB = {"tiny": 4096, "base": 32128}

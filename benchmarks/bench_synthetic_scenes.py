@@ -10,7 +10,7 @@ import argparse
 import tempfile
 import time
 
-from vit_t5_dsi.synthetic_scenes import generate_scenes
+from vit_t5_dsi.data.synthetic_scenes import generate_scenes
 
 
 def main():

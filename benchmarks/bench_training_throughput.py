@@ -31,13 +31,14 @@ import time
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIConfig, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor
-from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer
-from vit_t5_dsi.collection import load_karpathy
-from vit_t5_dsi.dsi_data import INDEXING, RETRIEVAL, DSICollator, ImageSource, training_stream
-from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.modeling_vit_t5_dsi import pad_and_stack
-from vit_t5_dsi.synthetic_scenes import generate_scenes
+from vit_t5_dsi.data.caption_tokenizer import train_caption_tokenizer
+from vit_t5_dsi.data.collection import load_karpathy
+from vit_t5_dsi.data.rows import INDEXING, RETRIEVAL, DSICollator, ImageSource, training_stream
+from vit_t5_dsi.data.splits import build_dsi_splits
+from vit_t5_dsi.checkpoint.modeling_vit_t5_dsi import pad_and_stack
+from vit_t5_dsi.data.synthetic_scenes import generate_scenes
 
 # the collection each width trains on: the demo's 64 px scenes for tiny; 224 px photos' worth of pixels for base
 SETUPS = {"tiny": dict(num_images=300, image_px=64, batch_size=64, vocab=None),
@@ -59,7 +60,7 @@ class Setup:
                                             vocab_size=spec["vocab"] or len(tokenizer))
         torch.manual_seed(seed)
         self.model = ViTT5DSIForConditionalGeneration(config).train()
-        self.index = ImageIndex.build(self.splits.index["image_key"][:], tokenizer, "naive")
+        self.index = build_image_index(self.splits.index["image_key"][:], tokenizer, "naive")
         self.processor = ViTT5DSIProcessor.for_model(config, tokenizer)
         self.images = ImageSource(self.splits.index)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)

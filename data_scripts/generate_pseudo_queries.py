@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 from vit_t5_dsi import ViTT5DSIProcessor, load_dsi_model
-from vit_t5_dsi.arguments import DataArguments
-from vit_t5_dsi.collection import check_images
-from vit_t5_dsi.collection_from_flags import collection_for
-from vit_t5_dsi.dsi_data import ImageSource
-from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.errors import UsageError
-from vit_t5_dsi.pseudo_queries import PseudoQueries, generate_pseudo_queries
+from vit_t5_dsi.training.arguments import DataArguments
+from vit_t5_dsi.data.collection import check_images
+from vit_t5_dsi.data.collection_from_flags import collection_for
+from vit_t5_dsi.data.rows import ImageSource
+from vit_t5_dsi.data.splits import build_dsi_splits
+from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.training.pseudo_queries import PseudoQueries, generate_pseudo_queries
 
 
 @dataclass

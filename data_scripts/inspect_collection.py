@@ -14,10 +14,10 @@ import sys
 
 from transformers import HfArgumentParser
 
-from vit_t5_dsi.arguments import DataArguments
-from vit_t5_dsi.collection import check_images, load_collection
-from vit_t5_dsi.errors import CollectionError
-from vit_t5_dsi.dsi_splits import build_dsi_splits
+from vit_t5_dsi.training.arguments import DataArguments
+from vit_t5_dsi.data.collection import check_images, load_collection
+from vit_t5_dsi.checkpoint.errors import CollectionError
+from vit_t5_dsi.data.splits import build_dsi_splits
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@
 
 import argparse
 
-from vit_t5_dsi.synthetic_scenes import generate_scenes
+from vit_t5_dsi.data.synthetic_scenes import generate_scenes
 
 
 def main():

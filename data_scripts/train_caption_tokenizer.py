@@ -6,8 +6,8 @@
 
 import argparse
 
-from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer
-from vit_t5_dsi.collection import load_karpathy
+from vit_t5_dsi.data.caption_tokenizer import train_caption_tokenizer
+from vit_t5_dsi.data.collection import load_karpathy
 
 
 def main():

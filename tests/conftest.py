@@ -42,12 +42,12 @@ CAPTIONS = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer
+    from vit_t5_dsi.data.caption_tokenizer import train_caption_tokenizer
 
     return train_caption_tokenizer(CAPTIONS * 4, vocab_size=160)
 
 
 def tiny_config(variant="cross_attention", vocab_size=160, **kwargs):
-    from vit_t5_dsi.configuration_vit_t5_dsi import ViTT5DSIConfig
+    from vit_t5_dsi.checkpoint.configuration_vit_t5_dsi import ViTT5DSIConfig
 
     return ViTT5DSIConfig.from_preset("tiny", variant=variant, vocab_size=vocab_size, **kwargs)

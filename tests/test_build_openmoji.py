@@ -17,7 +17,7 @@ except (ImportError, OSError) as _err:
         raise
     pytest.skip(f"cairosvg unavailable ({_err}): pip install -e \".[openmoji]\"", allow_module_level=True)
 
-from vit_t5_dsi.collection import load_karpathy  # noqa: E402
+from vit_t5_dsi.data.collection import load_karpathy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("build_openmoji", os.path.join(ROOT, "data_scripts",

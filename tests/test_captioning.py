@@ -12,11 +12,12 @@ import run_dsi_image
 from conftest import tiny_config
 from test_data import write_images
 from test_run_dsi_image import ROOT, tiny_args
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration
-from vit_t5_dsi.dsi_data import CAPTIONING, PSEUDO_QUERY, RETRIEVAL, DSICollator, training_stream
-from vit_t5_dsi.errors import CollectionError
-from vit_t5_dsi.pseudo_queries import PseudoQueries
-from vit_t5_dsi.ranking import rank_by_generation
+from vit_t5_dsi.data.rows import CAPTIONING, PSEUDO_QUERY, RETRIEVAL, DSICollator, training_stream
+from vit_t5_dsi.checkpoint.errors import CollectionError
+from vit_t5_dsi.training.pseudo_queries import PseudoQueries
+from vit_t5_dsi.checkpoint.ranking import rank_by_generation
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def captioning_model(tokenizer):
     tokenizer = copy.deepcopy(tokenizer)
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(tokenizer))).eval()
     model.enable_captioning(tokenizer)
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(30)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(30)], tokenizer, "naive")
     return model, tokenizer
 
 
@@ -46,7 +47,7 @@ def test_captions_start_with_their_task_token_and_never_hold_identifier_tokens(c
 
 
 def test_identifier_only_tokens_are_those_no_training_caption_uses(tokenizer):
-    index = ImageIndex.build([f"img{i}" for i in range(30)], tokenizer, "naive")  # digit ids
+    index = build_image_index([f"img{i}" for i in range(30)], tokenizer, "naive")  # digit ids
     captions = tokenizer(["a red circle", "2 blue squares"], add_special_tokens=False)["input_ids"]
     forbidden = index.identifier_only_token_ids(captions)
     assert tokenizer.convert_tokens_to_ids("2") not in forbidden
@@ -55,15 +56,15 @@ def test_identifier_only_tokens_are_those_no_training_caption_uses(tokenizer):
 
 def test_captioning_rows_train_the_same_decoder_in_a_mixed_batch(tmp_path, captioning_model):
     from vit_t5_dsi import ViTT5DSIProcessor
-    from vit_t5_dsi.collection import load_karpathy
-    from vit_t5_dsi.dsi_data import ImageSource
-    from vit_t5_dsi.dsi_splits import build_dsi_splits
-    from vit_t5_dsi.synthetic_scenes import generate_scenes
+    from vit_t5_dsi.data.collection import load_karpathy
+    from vit_t5_dsi.data.rows import ImageSource
+    from vit_t5_dsi.data.splits import build_dsi_splits
+    from vit_t5_dsi.data.synthetic_scenes import generate_scenes
 
     model, tokenizer = captioning_model
     path = generate_scenes(str(tmp_path), 20, image_size=32, seed=0, progress=False)
     splits = build_dsi_splits(load_karpathy(path, str(tmp_path / "images")), seen_captions_per_image=1)
-    model.image_index = ImageIndex.build(splits.index["image_key"][:], tokenizer, "naive")
+    model.image_index = build_image_index(splits.index["image_key"][:], tokenizer, "naive")
     stream = training_stream(splits, "cross_attention", captioning_ratio=1.0)
     captioning = [row for row in stream if row["kind"] == CAPTIONING]
     assert sorted(r["caption"] for r in captioning) == sorted(splits.train_queries["caption"][:])
@@ -85,7 +86,7 @@ def test_captioning_rows_train_the_same_decoder_in_a_mixed_batch(tmp_path, capti
 
 def test_pseudo_query_rows_read_the_current_store(tmp_path, captioning_model):
     from vit_t5_dsi import ViTT5DSIProcessor
-    from vit_t5_dsi.dsi_data import ImageSource
+    from vit_t5_dsi.data.rows import ImageSource
 
     model, tokenizer = captioning_model
     store = PseudoQueries()
@@ -190,7 +191,8 @@ def test_standalone_pseudo_queries_resume_and_train(tmp_path):
 
 
 def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise():
-    from vit_t5_dsi.arguments import RECIPE_PSEUDO_QUERIES, DataArguments, ModelArguments, resolve_recipe
+    from vit_t5_dsi.training.arguments import DataArguments, ModelArguments
+    from vit_t5_dsi.training.recipe import RECIPE_PSEUDO_QUERIES, resolve_recipe
 
     model_args, data_args = ModelArguments(), DataArguments(karpathy_json="data.json", image_dir=".")
     resolve_recipe(model_args, data_args)
@@ -217,7 +219,7 @@ def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise
 
 
 def test_pseudo_query_fractions_become_epoch_boundaries():
-    from vit_t5_dsi.pseudo_queries import epochs_for_fractions
+    from vit_t5_dsi.training.pseudo_queries import epochs_for_fractions
 
     assert epochs_for_fractions([0.2], 150) == [30]  # the demo's refresh
     assert epochs_for_fractions([0.2, 0.5], 10) == [2, 5]

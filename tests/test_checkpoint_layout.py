@@ -13,6 +13,7 @@ import torch
 import run_dsi_image
 from conftest import tiny_config
 from test_run_dsi_image import tiny_args
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import DSIRetriever, ImageIndex, ViTT5DSIForConditionalGeneration, load_dsi_model
 
 MODEL_FILES = {"model.safetensors", "config.json", "image_index.json", "modeling_vit_t5_dsi.py",
@@ -66,7 +67,7 @@ def test_save_pretrained_push_to_hub_uploads_the_index(tmp_path, tokenizer, monk
     hub = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(hub_module, "hf_api", lambda: hub)
     model = ViTT5DSIForConditionalGeneration(tiny_config())
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive")
     model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="someone/dsi")
     assert hub.commits and hub.commits[-1][0] == "someone/dsi"
     assert {"image_index.json", "model.safetensors", "config.json"} <= set(hub.commits[-1][1])
@@ -109,7 +110,7 @@ def test_a_remote_code_checkpoint_loads_without_timm_or_scikit_learn(tmp_path):
 @pytest.fixture
 def saved(tmp_path, tokenizer):
     model = ViTT5DSIForConditionalGeneration(tiny_config())
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive")
     model.save_pretrained(tmp_path / "repo" / "sub")
     return tmp_path / "repo"
 
@@ -133,7 +134,7 @@ def test_an_unreachable_hub_repo_is_an_error_not_a_missing_index():
 
 def test_atomic_writes_keep_ordinary_permissions_and_reach_the_disk_before_the_rename(tmp_path, tokenizer,
                                                                                      monkeypatch):
-    import vit_t5_dsi.atomic_io as atomic_io
+    import vit_t5_dsi.checkpoint.atomic_io as atomic_io
 
     events = []
     real_fsync, real_replace = atomic_io.os.fsync, atomic_io.os.replace
@@ -141,7 +142,7 @@ def test_atomic_writes_keep_ordinary_permissions_and_reach_the_disk_before_the_r
     monkeypatch.setattr(atomic_io.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     old_mask = os.umask(0o022)
     try:
-        index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive", )
+        index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive", )
         index.embeddings = torch.randn(5, 8)
         index.save(tmp_path)
     finally:

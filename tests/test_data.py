@@ -7,10 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vit_t5_dsi.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
-from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.image_processing import load_rgb, to_rgb
-from vit_t5_dsi.synthetic_scenes import generate_scenes, sample_scenes
+from vit_t5_dsi.identifiers.build import build_image_index
+from vit_t5_dsi.data.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
+from vit_t5_dsi.data.splits import build_dsi_splits
+from vit_t5_dsi.checkpoint.image_processing import load_rgb, to_rgb
+from vit_t5_dsi.data.synthetic_scenes import generate_scenes, sample_scenes
 
 
 def write_images(directory, names, size=16):
@@ -267,13 +268,13 @@ def test_collator_augments_training_rows_only(tmp_path, tokenizer):
 
     from conftest import tiny_config
     from vit_t5_dsi import ViTT5DSIProcessor
-    from vit_t5_dsi.dsi_data import DSICollator, ImageSource, evaluation_sets, training_stream
-    from vit_t5_dsi.image_index import ImageIndex
+    from vit_t5_dsi.data.rows import DSICollator, ImageSource, evaluation_sets, training_stream
+    from vit_t5_dsi.checkpoint.image_index import ImageIndex
 
     path = generate_scenes(str(tmp_path), 20, image_size=32, seed=0, progress=False)
     splits = build_dsi_splits(load_karpathy(path, str(tmp_path / "images")), seen_captions_per_image=1)
     keys = splits.index["image_key"][:]
-    index = ImageIndex.build(keys, tokenizer, "naive")
+    index = build_image_index(keys, tokenizer, "naive")
     processor = ViTT5DSIProcessor.for_model(tiny_config(), tokenizer)
     collator = DSICollator(index, ImageSource(splits.index), processor, "cross_attention", augment=True)
     train_rows = [{**row, "evaluate": False} for row in (evaluation_sets(splits)["index"][i] for i in range(4))]
@@ -320,7 +321,7 @@ def test_inspect_collection_script_reports_bad_input(tmp_path, capsys):
 def scene_source(tmp_path, tokenizer):
     from conftest import tiny_config
     from vit_t5_dsi import ViTT5DSIProcessor
-    from vit_t5_dsi.dsi_data import ImageSource
+    from vit_t5_dsi.data.rows import ImageSource
 
     path = generate_scenes(str(tmp_path), 12, image_size=64, seed=0, progress=False)
     collection = load_karpathy(path, str(tmp_path / "images"))
@@ -330,7 +331,7 @@ def scene_source(tmp_path, tokenizer):
 def test_cached_images_give_exactly_the_pixels_of_a_full_pass_and_are_decoded_once(scene_source):
     import torch
 
-    from vit_t5_dsi.decoded_images import DecodedImages
+    from vit_t5_dsi.data.image_cache import DecodedImages
 
     images, processor = scene_source
     keys = list(images.position)[:8]
@@ -348,7 +349,7 @@ def test_a_changed_image_file_is_decoded_again(scene_source):
 
     import torch
 
-    from vit_t5_dsi.decoded_images import DecodedImages
+    from vit_t5_dsi.data.image_cache import DecodedImages
 
     images, processor = scene_source
     key = next(iter(images.position))
@@ -364,7 +365,7 @@ def test_a_changed_image_file_is_decoded_again(scene_source):
 def test_cache_budget_and_switching_it_off(scene_source):
     import torch
 
-    from vit_t5_dsi.decoded_images import DecodedImages
+    from vit_t5_dsi.data.image_cache import DecodedImages
 
     images, processor = scene_source
     keys = list(images.position)[:6]
@@ -381,7 +382,7 @@ def test_augmentation_acts_on_the_cached_image(scene_source):
     import torch
     from torchvision.transforms import RandomResizedCrop
 
-    from vit_t5_dsi.decoded_images import DecodedImages
+    from vit_t5_dsi.data.image_cache import DecodedImages
 
     images, processor = scene_source
     keys = list(images.position)[:4]
@@ -402,7 +403,7 @@ def test_the_caption_tokenizer_gives_the_same_ids_in_every_process():
 
     script = (
         "import json, sys\n"
-        "from vit_t5_dsi.caption_tokenizer import train_caption_tokenizer\n"
+        "from vit_t5_dsi.data.caption_tokenizer import train_caption_tokenizer\n"
         "colours = ['red', 'green', 'blue', 'yellow', 'black', 'white', 'orange', 'purple']\n"
         "shapes = ['circle', 'square', 'triangle', 'diamond']\n"
         "places = ['in the top left', 'at the bottom right', 'in the center', 'on the middle left']\n"

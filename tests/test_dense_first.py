@@ -159,8 +159,8 @@ def test_rq_ids_from_a_npy_file(tmp_path):
 
 @pytest.mark.parametrize("data", [{}, {"karpathy_json": "data.json", "image_dir": "."}])
 def test_every_collection_gets_the_recipe_unless_a_flag_turns_a_part_off(data):
-    from vit_t5_dsi.arguments import (RECIPE_IDS, RECIPE_PSEUDO_QUERIES, DataArguments, ModelArguments,
-                                      resolve_recipe)
+    from vit_t5_dsi.training.arguments import DataArguments, ModelArguments
+    from vit_t5_dsi.training.recipe import RECIPE_IDS, RECIPE_PSEUDO_QUERIES, resolve_recipe
 
     model_args, data_args = ModelArguments(), DataArguments(**data)  # the demo, or a user's own collection
     line = resolve_recipe(model_args, data_args)
@@ -193,8 +193,9 @@ def test_every_collection_gets_the_recipe_unless_a_flag_turns_a_part_off(data):
 
 
 def test_the_dense_stage_budget_follows_the_generative_one():
-    from vit_t5_dsi.arguments import DataArguments, ModelArguments, parse_args, resolve_recipe
-    from vit_t5_dsi.dense_first import dense_stage_arguments
+    from vit_t5_dsi.training.arguments import DataArguments, ModelArguments, parse_args
+    from vit_t5_dsi.training.recipe import resolve_recipe
+    from vit_t5_dsi.training.dense_stage import dense_stage_arguments
 
     for flags, epochs, max_steps in ((["--num_train_epochs", "150"], 100, -1),
                                      (["--max_steps", "300"], 200.0, 200),
@@ -208,8 +209,8 @@ def test_the_dense_stage_budget_follows_the_generative_one():
 
 
 def test_epochs_default_to_the_demo_schedule_only_on_the_demo():
-    from vit_t5_dsi.arguments import (DEMO_TRAIN_EPOCHS, TRAIN_EPOCHS, DataArguments, ModelArguments,
-                                      parse_args, resolve_recipe)
+    from vit_t5_dsi.training.arguments import DataArguments, ModelArguments, parse_args
+    from vit_t5_dsi.training.recipe import DEMO_TRAIN_EPOCHS, TRAIN_EPOCHS, resolve_recipe
 
     for flags, data_args, expected in (([], DataArguments(), DEMO_TRAIN_EPOCHS),
                                        ([], DataArguments(karpathy_json="d.json", image_dir="."), TRAIN_EPOCHS),

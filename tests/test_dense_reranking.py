@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor
-from vit_t5_dsi.dense_reranking import DenseReranker
-from vit_t5_dsi.ranking import Ranking
+from vit_t5_dsi.checkpoint.dense_reranking import DenseReranker
+from vit_t5_dsi.checkpoint.ranking import Ranking
 
 KEYS = [f"img{i}" for i in range(6)]
 
@@ -25,7 +26,7 @@ class FixedTexts:
 @pytest.fixture
 def reranker_parts(tokenizer):
     model = ViTT5DSIDualEncoderModel(tiny_config("dual_encoder", projection_dim=4)).eval()
-    index = ImageIndex.build(KEYS, tokenizer, "naive")
+    index = build_image_index(KEYS, tokenizer, "naive")
     # image j's embedding: cosine with the query vector e0 falls as j grows, except img4, the closest
     embeddings = torch.tensor([[1.0, 0.3 * j, 0, 0] for j in range(6)])
     embeddings[4] = torch.tensor([1.0, 0, 0, 0])
@@ -81,7 +82,7 @@ def test_bad_rerankers_are_refused(reranker_parts, tokenizer):
     generative = ViTT5DSIForConditionalGeneration(tiny_config())
     with pytest.raises(ValueError, match="dual_encoder checkpoint"):
         DenseReranker(generative, processor)
-    other = ImageIndex.build(KEYS + ["img_new"], tokenizer, "naive")
+    other = build_image_index(KEYS + ["img_new"], tokenizer, "naive")
     with pytest.raises(ValueError, match="no embedding for 1 of the 7 indexed images"):
         DenseReranker(model, processor).embeddings_for(other)
     model.image_index.embeddings = None

@@ -7,12 +7,13 @@ import torch
 from transformers import Seq2SeqTrainingArguments
 
 from conftest import tiny_config
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIProcessor, model_class_for_variant
-from vit_t5_dsi.collection import load_karpathy
-from vit_t5_dsi.dsi_data import ImageSource, evaluation_sets, training_stream
-from vit_t5_dsi.dsi_splits import build_dsi_splits
-from vit_t5_dsi.dsi_trainer import DSITrainer
-from vit_t5_dsi.synthetic_scenes import generate_scenes
+from vit_t5_dsi.data.collection import load_karpathy
+from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
+from vit_t5_dsi.data.splits import build_dsi_splits
+from vit_t5_dsi.training.trainer import DSITrainer
+from vit_t5_dsi.data.synthetic_scenes import generate_scenes
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def splits(tmp_path_factory):
 
 def make_trainer(tmp_path, splits, tokenizer, variant, **args):
     model = model_class_for_variant(variant)(tiny_config(variant))
-    model.image_index = ImageIndex.build(splits.index["image_key"][:], tokenizer, "naive")
+    model.image_index = build_image_index(splits.index["image_key"][:], tokenizer, "naive")
     processor = ViTT5DSIProcessor.for_model(model.config, tokenizer)
     arguments = Seq2SeqTrainingArguments(**{"output_dir": str(tmp_path / "out"), "per_device_eval_batch_size": 4,
                                             "per_device_train_batch_size": 8, "report_to": "none", "use_cpu": True,

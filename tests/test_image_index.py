@@ -6,13 +6,14 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import tiny_config
+from vit_t5_dsi.identifiers.build import build_image_index, initialise_code_embeddings
 from vit_t5_dsi import ViTT5DSIForConditionalGeneration
-from vit_t5_dsi.id_trie import IdTrie
-from vit_t5_dsi.image_index import ImageIndex
-from vit_t5_dsi.metrics import (compute_metrics_for_generation, gold_ranks, hits_at_k, mrr_at_k,
+from vit_t5_dsi.checkpoint.id_trie import IdTrie
+from vit_t5_dsi.checkpoint.image_index import ImageIndex
+from vit_t5_dsi.training.metrics import (compute_metrics_for_generation, gold_ranks, hits_at_k, mrr_at_k,
                                 ranking_metrics)
-from vit_t5_dsi.ranking import rank_by_generation, rank_by_similarity
-from vit_t5_dsi.semantic_ids import hierarchical_kmeans_ids
+from vit_t5_dsi.checkpoint.ranking import rank_by_generation, rank_by_similarity
+from vit_t5_dsi.identifiers.semantic_ids import hierarchical_kmeans_ids
 
 KEYS = [f"image_{i:03d}.png" for i in range(40)]
 
@@ -43,7 +44,7 @@ def semantic_embeddings(n=40, seed=0):
 def build(tokenizer, scheme):
     kwargs = {"semantic": dict(embeddings=semantic_embeddings(), num_clusters=4, max_leaf_size=6),
               "rq": dict(embeddings=semantic_embeddings(), rq_num_levels=2, rq_codes_per_level=4)}.get(scheme, {})
-    return ImageIndex.build(KEYS, tokenizer, scheme, **kwargs)
+    return build_image_index(KEYS, tokenizer, scheme, **kwargs)
 
 
 @pytest.fixture
@@ -167,7 +168,7 @@ def test_prefix_allowed_tokens_fn_matches_processor(tokenizer):
 
 
 def test_more_beams_than_images_yields_only_distinct_valid_ids(tokenizer):
-    index = ImageIndex.build(KEYS[:3], tokenizer, "naive")
+    index = build_image_index(KEYS[:3], tokenizer, "naive")
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(tokenizer))).eval()
     ranking = rank_by_generation(model, index, k=6, pixel_values=torch.randn(2, 3, 32, 32))
     for row in ranking.positions:
@@ -202,9 +203,9 @@ def test_semantic_ids_terminate_on_identical_embeddings():
 
 def test_semantic_scheme_needs_embeddings(tokenizer):
     with pytest.raises(ValueError, match="embeddings"):
-        ImageIndex.build(KEYS, tokenizer, "semantic")
+        build_image_index(KEYS, tokenizer, "semantic")
     with pytest.raises(ValueError, match="scheme='random'"):
-        ImageIndex.build(KEYS, tokenizer, "random")
+        build_image_index(KEYS, tokenizer, "random")
 
 
 def test_atomic_scheme_adds_tokens_and_resizes_embeddings(fresh_tokenizer):
@@ -220,7 +221,7 @@ def test_atomic_scheme_adds_tokens_and_resizes_embeddings(fresh_tokenizer):
 
 def test_duplicate_keys_rejected(tokenizer):
     with pytest.raises(ValueError, match="Duplicate image key 'a'"):
-        ImageIndex.build(["a", "b", "a"], tokenizer, "naive")
+        build_image_index(["a", "b", "a"], tokenizer, "naive")
 
 
 def test_decode_accepts_only_whole_ids_followed_by_padding(tokenizer):
@@ -297,7 +298,7 @@ def test_the_first_layout_still_loads(tmp_path, fresh_tokenizer, scheme):
 
 
 def test_a_large_index_is_saved_as_columns(tmp_path, fresh_tokenizer, monkeypatch):
-    import vit_t5_dsi.image_index as image_index
+    import vit_t5_dsi.checkpoint.image_index_files as image_index
 
     monkeypatch.setattr(image_index, "JSON_LIMIT", 10)
     index = build(fresh_tokenizer, "rq")
@@ -311,7 +312,7 @@ def test_a_large_index_is_saved_as_columns(tmp_path, fresh_tokenizer, monkeypatc
 
 def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokenizer):
     build(tokenizer, "naive").save(tmp_path / "a", columns=True)
-    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "b", columns=True)
+    build_image_index(KEYS[:5], tokenizer, "naive").save(tmp_path / "b", columns=True)
     old_columns = next(p for p in (tmp_path / "a").iterdir() if p.suffix == ".safetensors")
     new_columns = next(p for p in (tmp_path / "b").iterdir() if p.suffix == ".safetensors")
     old_columns.rename(tmp_path / "a" / new_columns.name)
@@ -321,9 +322,9 @@ def test_a_header_and_columns_from_different_saves_are_an_error(tmp_path, tokeni
     (tmp_path / "a" / new_columns.name).unlink()
     with pytest.raises(ValueError, match="unreadable image index columns"):
         ImageIndex.load(tmp_path / "a")
-    ImageIndex.build(KEYS[:5], tokenizer, "naive").save(tmp_path / "a", columns=True)
+    build_image_index(KEYS[:5], tokenizer, "naive").save(tmp_path / "a", columns=True)
     assert index_files(tmp_path / "a") == index_files(tmp_path / "b")
-    from vit_t5_dsi.image_index import index_file_names
+    from vit_t5_dsi.checkpoint.image_index_files import index_file_names
 
     (tmp_path / "a" / "config.json").write_text("{}")
     assert index_file_names(tmp_path / "a") == index_files(tmp_path / "b")
@@ -333,12 +334,12 @@ def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
     index = build(tokenizer, "naive")
     index.save(tmp_path)
     original, files = (tmp_path / "image_index.json").read_text(), index_files(tmp_path)
-    import vit_t5_dsi.atomic_io
+    import vit_t5_dsi.checkpoint.atomic_io
 
-    monkeypatch.setattr(vit_t5_dsi.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(vit_t5_dsi.checkpoint.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     for columns in (False, True):
         with pytest.raises(OSError):
-            ImageIndex.build(KEYS[:7], tokenizer, "naive").save(tmp_path, columns=columns)
+            build_image_index(KEYS[:7], tokenizer, "naive").save(tmp_path, columns=columns)
     assert (tmp_path / "image_index.json").read_text() == original
     assert index_files(tmp_path) == files
     monkeypatch.undo()
@@ -406,7 +407,7 @@ def test_metrics_hand_computed():
 
 
 def test_compute_metrics_for_generation_counts_every_query(tokenizer):
-    index = ImageIndex.build(KEYS[:12], tokenizer, "naive")
+    index = build_image_index(KEYS[:12], tokenizer, "naive")
     eos = index.eos_token_id
 
     def row(key):  # start token, id, eos, padding to 5
@@ -434,7 +435,7 @@ def test_compute_metrics_for_generation_counts_every_query(tokenizer):
 def test_ranking_metrics_count_repeated_queries_once():
     from transformers import EvalPrediction
 
-    from vit_t5_dsi.metrics import compute_ranking_metrics
+    from vit_t5_dsi.training.metrics import compute_ranking_metrics
 
     ranked = np.array([[1, 2], [3, 4], [1, 2], [9, 9]])  # row 2 repeats query 0 (distributed padding)
     labels = np.array([[1, 0], [4, 1], [1, 0], [5, 2]])  # (gold position, query id)
@@ -446,7 +447,7 @@ def test_ranking_metrics_count_repeated_queries_once():
 def test_evaluate_metric_matches_the_pure_functions(tmp_path):
     import evaluate
 
-    from vit_t5_dsi.hits_metric import RetrievalHits
+    from vit_t5_dsi.training.hits_metric import RetrievalHits
 
     metric = RetrievalHits(cache_dir=str(tmp_path))
     metric.add_batch(predictions=[[3, 1, 2], [0, 0, 5]], references=[1, 5])
@@ -454,7 +455,7 @@ def test_evaluate_metric_matches_the_pure_functions(tmp_path):
     result = metric.compute(ks=[1, 2, 3], mrr_k=3)
     assert result == pytest.approx({"hits@1": 0.0, "hits@2": 0.5, "hits@3": 0.75,
                                     "mrr@3": (1 / 2 + 1 / 3 + 1 / 2 + 0) / 4})
-    import vit_t5_dsi.hits_metric as module
+    import vit_t5_dsi.training.hits_metric as module
 
     loaded = evaluate.load(module.__file__, cache_dir=str(tmp_path))  # the evaluate.load path, offline
     assert loaded.compute(predictions=[[5, 6]], references=[6], ks=[1, 2], mrr_k=2) == {
@@ -508,7 +509,7 @@ def test_trie_never_allows_a_token_outside_the_models_vocabulary():
 # ----- residual-quantized ids ---------------------------------------------------------------------------
 
 def test_residual_quantization_codes_collisions_and_determinism():
-    from vit_t5_dsi.residual_quantization import residual_quantize
+    from vit_t5_dsi.identifiers.residual_quantization import residual_quantize
 
     embeddings = semantic_embeddings()
     embeddings[5] = embeddings[9] = embeddings[13] = embeddings[1]  # four identical images: one cell
@@ -541,7 +542,7 @@ def test_residual_quantization_codes_collisions_and_determinism():
 
 
 def test_rq_extra_level_separates_a_cell_with_meaningful_codes():
-    from vit_t5_dsi.residual_quantization import residual_quantize
+    from vit_t5_dsi.identifiers.residual_quantization import residual_quantize
 
     # two far-apart groups; inside each, two images differ only by a tiny offset along one of two directions
     base = np.array([[10.0, 0, 0, 0], [-10.0, 0, 0, 0]])
@@ -555,7 +556,7 @@ def test_rq_extra_level_separates_a_cell_with_meaningful_codes():
 
 
 def test_rq_position_token_only_when_the_extra_level_cannot_separate():
-    from vit_t5_dsi.residual_quantization import residual_quantize
+    from vit_t5_dsi.identifiers.residual_quantization import residual_quantize
 
     codes = residual_quantize(np.ones((6, 4)), num_levels=2, codes_per_level=4)
     assert codes.summary()["images_with_position_token"] == 6 and sorted(codes.position.tolist()) == list(range(6))
@@ -574,7 +575,7 @@ def test_rq_ids_one_token_per_level_and_code(fresh_tokenizer):
     # one token per (level, code), shared by every image with that code: the trie stays small
     assert len(index.added_tokens) <= 4 + 4 + 4 + index.scheme_info["largest_shared_id"]
     assert index.scheme_info["num_levels"] == 2 and index.scheme_info["codes_per_level"] == [4, 4]
-    again = ImageIndex.build(KEYS, fresh_tokenizer, "rq", semantic_embeddings(), rq_num_levels=2,
+    again = build_image_index(KEYS, fresh_tokenizer, "rq", embeddings=semantic_embeddings(), rq_num_levels=2,
                              rq_codes_per_level=4)
     assert again.token_ids == index.token_ids  # deterministic; adding known tokens again changes nothing
 
@@ -593,17 +594,17 @@ def test_rq_index_round_trip_and_model_resize(tmp_path, fresh_tokenizer):
 
 def test_rq_scheme_refuses_bad_embeddings(tokenizer):
     with pytest.raises(ValueError, match="needs `embeddings`"):
-        ImageIndex.build(KEYS, tokenizer, "rq")
+        build_image_index(KEYS, tokenizer, "rq")
     with pytest.raises(ValueError, match="3 embedding rows for 40"):
-        ImageIndex.build(KEYS, tokenizer, "rq", np.zeros((3, 4)))
+        build_image_index(KEYS, tokenizer, "rq", embeddings=np.zeros((3, 4)))
     bad = semantic_embeddings()
     bad[7, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        ImageIndex.build(KEYS, tokenizer, "rq", bad)
+        build_image_index(KEYS, tokenizer, "rq", embeddings=bad)
 
 
 def test_rq_ids_on_identical_embeddings_are_still_unique(fresh_tokenizer):
-    index = ImageIndex.build(KEYS, fresh_tokenizer, "rq", np.ones((40, 8)), rq_num_levels=2, rq_codes_per_level=4)
+    index = build_image_index(KEYS, fresh_tokenizer, "rq", embeddings=np.ones((40, 8)), rq_num_levels=2, rq_codes_per_level=4)
     assert len(set(map(tuple, index.token_ids))) == 40
     assert index.scheme_info["colliding_images"] == 40 and index.scheme_info["codes_used_per_level"] == [1, 1]
 
@@ -611,7 +612,7 @@ def test_rq_ids_on_identical_embeddings_are_still_unique(fresh_tokenizer):
 def test_compute_ranking_metrics_reports_reranked_positions_under_their_own_keys():
     from transformers import EvalPrediction
 
-    from vit_t5_dsi.metrics import compute_ranking_metrics
+    from vit_t5_dsi.training.metrics import compute_ranking_metrics
 
     generative = np.array([[2, 1], [4, 3], [5, 6]])
     reranked = np.array([[1, 2], [3, 4], [6, 5]])
@@ -627,12 +628,12 @@ def test_compute_ranking_metrics_reports_reranked_positions_under_their_own_keys
 @pytest.mark.parametrize("dim", [64, 16, 100])  # the model's width (64), narrower and wider embeddings
 def test_rq_code_tokens_start_at_their_codes_vectors(fresh_tokenizer, dim):
     embeddings = np.random.default_rng(1).normal(size=(40, dim))
-    index = ImageIndex.build(KEYS, fresh_tokenizer, "rq", embeddings, rq_num_levels=2, rq_codes_per_level=4)
+    index = build_image_index(KEYS, fresh_tokenizer, "rq", embeddings=embeddings, rq_num_levels=2, rq_codes_per_level=4)
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=len(fresh_tokenizer)))
     index.resize_model_embeddings(model)
     weight = model.get_input_embeddings().weight
     norm = weight.norm(dim=1).mean().item()
-    assert index.initialise_code_embeddings(model) == len(index.code_vectors) >= 8
+    assert initialise_code_embeddings(index, model) == len(index.code_vectors) >= 8
     rows = list(index.code_vectors)
     vectors = np.stack([index.code_vectors[row] for row in rows])
     got = weight[rows].detach().numpy()
@@ -645,7 +646,7 @@ def test_rq_code_tokens_start_at_their_codes_vectors(fresh_tokenizer, dim):
         np.testing.assert_allclose(cosine @ cosine.T, unit @ unit.T, atol=1e-4)
     assert torch.equal(model.get_output_embeddings().weight[rows], weight[rows])  # tied: the output rows too
     loaded = ImageIndex.from_dict(index.to_dict())
-    assert loaded.initialise_code_embeddings(model) == 0  # a loaded index never re-initialises trained rows
+    assert initialise_code_embeddings(loaded, model) == 0  # a loaded index never re-initialises trained rows
 
 
 REMOTE_COLUMNS_LOAD = """
@@ -669,7 +670,7 @@ def test_a_columns_index_loads_with_the_checkpoints_own_code(tmp_path, fresh_tok
     import subprocess
     import sys
 
-    import vit_t5_dsi.image_index as image_index
+    import vit_t5_dsi.checkpoint.image_index_files as image_index
 
     monkeypatch.setattr(image_index, "JSON_LIMIT", 0)
     index = build(fresh_tokenizer, "rq")

@@ -7,8 +7,9 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
 
 from conftest import tiny_config
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration
-from vit_t5_dsi.image_index import ImageIndex
+from vit_t5_dsi.checkpoint.image_index import ImageIndex
 
 GENERATIVE = ["cross_attention", "codebook"]
 
@@ -180,7 +181,7 @@ def test_generate_with_encoder_outputs_does_not_grow_them(tokenizer):
 def test_save_load_round_trip_identical_outputs(tmp_path, tokenizer, variant):
     cls = ViTT5DSIDualEncoderModel if variant == "dual_encoder" else ViTT5DSIForConditionalGeneration
     model = cls(tiny_config(variant)).eval()
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(12)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(12)], tokenizer, "naive")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "image_index.json").exists()
     loaded = cls.from_pretrained(tmp_path).eval()

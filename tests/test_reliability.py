@@ -21,10 +21,11 @@ import run_dsi_image
 from conftest import tiny_config
 from test_dsi_trainer import make_trainer, splits  # noqa: F401  (splits is a fixture make_trainer's callers use)
 from test_run_dsi_image import tiny_args
+from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor, load_dsi_model
-from vit_t5_dsi.atomic_io import (STAGING_PREFIX, DiskFullError, atomic_write, atomic_write_text, disk_full_error,
+from vit_t5_dsi.checkpoint.atomic_io import (STAGING_PREFIX, DiskFullError, atomic_write, atomic_write_text, disk_full_error,
                                   disk_full_errno)
-from vit_t5_dsi.errors import UsageError
+from vit_t5_dsi.checkpoint.errors import UsageError
 
 HF_TOKEN = "hf_fakeReliabilityCanary0123456789abcd"
 WANDB_KEY = "fakewandbcanary0123456789abcdef012345678"
@@ -128,7 +129,7 @@ def modes(root):
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_every_file_a_model_and_processor_save_has_ordinary_permissions(tmp_path, tokenizer, mask):
     model = ViTT5DSIForConditionalGeneration(tiny_config())
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive")
     model.image_index.embeddings = torch.randn(5, 8)  # one more safetensors file, written by the index
     with umask(mask):
         model.save_pretrained(tmp_path / "out")
@@ -202,7 +203,7 @@ def test_the_package_and_scripts_never_unpickle_without_a_guard():
 
 def saved_model(tmp_path, tokenizer):
     model = ViTT5DSIForConditionalGeneration(tiny_config())
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive")
     model.save_pretrained(tmp_path / "out")
     ViTT5DSIProcessor.for_model(model.config, tokenizer).save_pretrained(tmp_path / "out")
     return model
@@ -263,8 +264,8 @@ def test_a_model_save_that_hits_a_full_disk_names_the_folder_and_keeps_the_previ
         def failing(path, write):
             return no_space() if str(path).endswith("image_index.json") else real(path, write)
 
-        monkeypatch.setattr("vit_t5_dsi.image_index.atomic_write", failing, raising=False)
-        monkeypatch.setattr("vit_t5_dsi.image_index.atomic_write_text", lambda path, text: failing(path, None))
+        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index.atomic_write", failing, raising=False)
+        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index.atomic_write_text", lambda path, text: failing(path, None))
     else:  # what safetensors' Rust writer raises: not an OSError, the errno only in its text
         def rust_error(tensors, path, **kw):
             raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
@@ -272,7 +273,7 @@ def test_a_model_save_that_hits_a_full_disk_names_the_folder_and_keeps_the_previ
 
         monkeypatch.setattr(modeling_utils, "safe_save_file", rust_error)
     changed = ViTT5DSIForConditionalGeneration(tiny_config())
-    changed.image_index = ImageIndex.build([f"other{i}" for i in range(7)], tokenizer, "naive")
+    changed.image_index = build_image_index([f"other{i}" for i in range(7)], tokenizer, "naive")
     with pytest.raises(DiskFullError) as caught:
         changed.save_pretrained(tmp_path / "out")
     assert_one_line_naming(caught.value, tmp_path / "out")
@@ -309,7 +310,7 @@ def test_atomic_write_on_a_full_disk_names_the_folder_and_keeps_the_previous_fil
     assert_one_line_naming(caught.value, tmp_path)
     assert "state.json" in str(caught.value)
     # a full disk found only by fsync (delayed allocation, NFS) is the same error
-    monkeypatch.setattr("vit_t5_dsi.atomic_io.os.fsync", no_space)
+    monkeypatch.setattr("vit_t5_dsi.checkpoint.atomic_io.os.fsync", no_space)
     with pytest.raises(DiskFullError):
         atomic_write_text(tmp_path / "state.json", '{"step": 2}')
     monkeypatch.undo()
@@ -398,7 +399,7 @@ def fill(folder, leave):
 def test_a_real_full_disk(tiny_tmpfs, tokenizer):
     root = tiny_tmpfs
     model = ViTT5DSIForConditionalGeneration(tiny_config())
-    model.image_index = ImageIndex.build([f"img{i}" for i in range(5)], tokenizer, "naive")
+    model.image_index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive")
     out = os.path.join(root, "out")
     model.save_pretrained(out)
     ViTT5DSIProcessor.for_model(model.config, tokenizer).save_pretrained(out)

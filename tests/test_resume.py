@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from test_dsi_trainer import make_trainer, splits  # noqa: F401  (a fixture)
 from vit_t5_dsi import ImageIndex, model_class_for_variant
-from vit_t5_dsi.dsi_trainer import CheckpointMismatchError, load_checkpoint_weights
-from vit_t5_dsi.modeling_vit_t5_dsi import load_dsi_model
+from vit_t5_dsi.training.trainer import CheckpointMismatchError, load_checkpoint_weights
+from vit_t5_dsi.checkpoint.loading import load_dsi_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Figures that are wall-clock measurements differ between any two runs; everything else must be equal.

@@ -3,17 +3,17 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_vit_t5_dsi import ViTT5DSIConfig
-from .image_index import ImageIndex
-from .processing_vit_t5_dsi import ViTT5DSIProcessor
-from .pipeline_text_to_image_retrieval import TASK as RETRIEVAL_TASK, TextToImageRetrievalPipeline
+from .checkpoint.configuration_vit_t5_dsi import ViTT5DSIConfig
+from .checkpoint.image_index import ImageIndex
+from .checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
+from .checkpoint.pipeline_text_to_image_retrieval import TASK as RETRIEVAL_TASK, TextToImageRetrievalPipeline
+from .identifiers.build import build_image_index
 from .retriever import DSIRetriever
-from .modeling_vit_t5_dsi import (
+from .checkpoint.loading import load_dense_reranker, load_dsi_model, model_class_for_variant
+from .checkpoint.modeling_vit_t5_dsi import (
     ViTT5DSIDualEncoderModel,
     ViTT5DSIForConditionalGeneration,
     ViTT5DSIPreTrainedModel,
-    load_dsi_model,
-    model_class_for_variant,
 )
 
 # In-process Auto registration (checkpoints also carry `auto_map` for `trust_remote_code=True` elsewhere).
@@ -29,4 +29,5 @@ PIPELINE_REGISTRY.register_pipeline(RETRIEVAL_TASK, pipeline_class=TextToImageRe
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
            "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever",
-           "TextToImageRetrievalPipeline", "RETRIEVAL_TASK", "load_dsi_model", "model_class_for_variant"]
+           "TextToImageRetrievalPipeline", "RETRIEVAL_TASK", "load_dsi_model", "model_class_for_variant",
+           "build_image_index", "load_dense_reranker"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .dense_reranking import DenseReranker
-from .image_index import EMBEDDINGS_FILE_NAME
-from .modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel, load_dsi_model
-from .processing_vit_t5_dsi import ViTT5DSIProcessor
-from .ranking import rank_queries
+from .checkpoint.dense_reranking import DenseReranker
+from .checkpoint.image_index_files import EMBEDDINGS_FILE_NAME
+from .checkpoint.loading import load_dense_reranker, load_dsi_model
+from .checkpoint.modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel
+from .checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
+from .checkpoint.ranking import rank_queries
 
 
 class DSIRetriever:
@@ -42,7 +43,7 @@ class DSIRetriever:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_dsi_model(name_or_path, **hub_kwargs)
         processor = ViTT5DSIProcessor.from_pretrained(name_or_path, **hub_kwargs)
-        reranker = DenseReranker.from_pretrained(rerank_with, rerank_weight) if rerank_with else None
+        reranker = load_dense_reranker(rerank_with, rerank_weight) if rerank_with else None
         return cls(model.to(device), processor, reranker)
 
     @torch.no_grad()

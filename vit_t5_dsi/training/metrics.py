@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .image_index import ImageIndex
+from ..checkpoint.image_index import ImageIndex
 
 
 def gold_ranks(ranked: np.ndarray, gold: Sequence[int]) -> np.ndarray:

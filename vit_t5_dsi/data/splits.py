@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 
 from .collection import ImageCollection
-from .errors import CollectionError
+from ..checkpoint.errors import CollectionError
 
 logger = logging.getLogger(__name__)
 

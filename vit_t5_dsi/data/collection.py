@@ -18,8 +18,8 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import CollectionError
-from .image_processing import open_image
+from ..checkpoint.errors import CollectionError
+from ..checkpoint.image_processing import open_image
 
 logger = logging.getLogger(__name__)
 

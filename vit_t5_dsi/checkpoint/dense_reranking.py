@@ -15,12 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .image_index import EMBEDDINGS_FILE_NAME, ImageIndex
+from .image_index import ImageIndex
+from .image_index_files import EMBEDDINGS_FILE_NAME
 from .ranking import Ranking
 
 
 class DenseReranker:
-    """`DenseReranker.from_pretrained(dual_encoder_checkpoint).rerank(ranking, texts, index)`."""
+    """`load_dense_reranker(dual_encoder_checkpoint).rerank(ranking, texts, index)` (see `loading.py`)."""
 
     def __init__(self, model, processor, weight: float = 0.5):
         if model.config.variant != "dual_encoder":
@@ -31,16 +32,6 @@ class DenseReranker:
             raise ValueError(f"The re-ranking weight must be in [0, 1], got {weight}.")
         self.model, self.processor, self.weight = model.eval(), processor, float(weight)
         self._aligned: tuple[int, torch.Tensor] | None = None
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, weight: float = 0.5, device: str | torch.device | None = None,
-                        **hub_kwargs) -> "DenseReranker":
-        from .modeling_vit_t5_dsi import load_dsi_model
-        from .processing_vit_t5_dsi import ViTT5DSIProcessor
-
-        model = load_dsi_model(name_or_path, **hub_kwargs)
-        processor = ViTT5DSIProcessor.from_pretrained(name_or_path, **hub_kwargs)
-        return cls(model.to(device) if device is not None else model, processor, weight)
 
     def to(self, device) -> "DenseReranker":
         self.model.to(device)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .image_processing import to_rgb
+from ..checkpoint.image_processing import to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .pipeline_text_to_image_retrieval import TASK, custom_pipeline_entry
+from ..checkpoint.configuration_vit_t5_dsi import RETRIEVAL_TASK as TASK
 
 # The Hub's task for "text query -> ranked images" (its only text-to-image *retrieval* category; `text-to-image`
 # files a model under image generation). The custom task name goes in the tags and the card.
@@ -55,7 +55,7 @@ def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or
         text_layers=config.text_config.num_layers, data_description=data_description,
         training_description=training_description, metrics_table=metrics_table(metrics),
         repo_or_path=repo_or_path, task=TASK, pipeline_tag=HUB_PIPELINE_TAG,
-        auto_class=custom_pipeline_entry(config.variant)[TASK]["pt"][0],
+        auto_class=config.auto_class,
         dataset_tag=f"datasets:\n- {dataset_name}\n" if dataset_name else "")
 
 

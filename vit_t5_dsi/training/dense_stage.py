@@ -27,7 +27,7 @@ def dense_stage_arguments(model_args, data_args, training_args):
     own output directory and budget (--dense_first_epochs, else a share of the generative one); no captioning or
     pseudo-queries (they belong to the generative model), no push (the generative run pushes)."""
     directory = os.path.join(training_args.output_dir, DENSE_FIRST_DIR)
-    from .arguments import DENSE_FIRST_SHARE
+    from .recipe import DENSE_FIRST_SHARE
 
     model = dataclasses.replace(model_args, variant="dual_encoder", dense_first=False, dense_first_epochs=None,
                                 rerank_with=None, semantic_embeddings=None, model_name_or_path=None,
@@ -81,7 +81,7 @@ def finished_dense_model(directory: str) -> bool:
 def last_checkpoint(directory: str) -> str | None:
     """The latest complete `checkpoint-N` of an interrupted dense stage (it resumes from there), or None; a
     folder the run was killed while writing is skipped."""
-    from .dsi_trainer import checkpoint_is_complete
+    from .trainer import checkpoint_is_complete
 
     complete = [path for path in glob.glob(os.path.join(directory, "checkpoint-*"))
                 if os.path.basename(path).split("-")[-1].isdigit() and checkpoint_is_complete(path)]

@@ -12,8 +12,8 @@ import logging
 import os
 import shutil
 
-from .dense_first import DENSE_FIRST_DIR
-from .errors import UsageError
+from .dense_stage import DENSE_FIRST_DIR
+from ..checkpoint.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

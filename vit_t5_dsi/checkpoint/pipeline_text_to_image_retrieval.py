@@ -11,23 +11,15 @@ transformers, torch, PIL and sibling modules that `save_pretrained` copies next 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from transformers import Pipeline
 
+from .configuration_vit_t5_dsi import RETRIEVAL_TASK
+from .loading import load_dense_reranker
 from .ranking import rank_queries
 
-TASK = "text-to-image-retrieval"
-PIPELINE_FILE = os.path.basename(__file__)
-
-
-def custom_pipeline_entry(variant: str) -> dict:
-    """What `config.custom_pipelines` records for a checkpoint of `variant` (the Auto class that loads it)."""
-    auto_class = "AutoModel" if variant == "dual_encoder" else "AutoModelForSeq2SeqLM"
-    return {TASK: {"impl": f"{os.path.splitext(PIPELINE_FILE)[0]}.TextToImageRetrievalPipeline",
-                   "pt": [auto_class], "type": "multimodal"}}
+TASK = RETRIEVAL_TASK
 
 
 def _is_image(query) -> bool:
@@ -85,9 +77,7 @@ class TextToImageRetrievalPipeline(Pipeline):
         if rerank_with is not None:
             if dense:
                 raise ValueError("rerank_with re-orders a generative model's top-k; a dual encoder ranks by itself.")
-            from .dense_reranking import DenseReranker  # here: that module loads models, which import this one
-
-            self.reranker = DenseReranker.from_pretrained(rerank_with, rerank_weight).to(self.device)
+            self.reranker = load_dense_reranker(rerank_with, rerank_weight).to(self.device)
             self.reranker.embeddings_for(index)  # every indexed image needs a dense embedding
 
     def __call__(self, inputs, *args, **kwargs):
@@ -159,4 +149,4 @@ def _load_image(path: str | None):
         return image.convert("RGB")
 
 
-__all__ = ["TextToImageRetrievalPipeline", "TASK", "custom_pipeline_entry"]
+__all__ = ["TextToImageRetrievalPipeline", "TASK"]

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def collection_for(data_args, seed: int, main_process_first=None) -> ImageCollection:
-    """`data_args`: `vit_t5_dsi.arguments.DataArguments`. `main_process_first` (TrainingArguments'): under DDP
+    """`data_args`: `vit_t5_dsi.training.arguments.DataArguments`. `main_process_first` (TrainingArguments'): under DDP
     the main process draws the demo scenes while the others wait."""
     if not data_args.is_demo:
         return load_collection(data_args.karpathy_json, data_args.image_dir, data_args.dataset_name,

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
-from .atomic_io import atomic_write_text
-from .errors import CollectionError
+from ..checkpoint.atomic_io import atomic_write_text
+from ..checkpoint.errors import CollectionError
 from .image_embeddings import map_images
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decoded_images import DecodedImages
-from .dsi_splits import DSISplits
-from .image_index import ImageIndex
-from .image_processing import load_rgb
+from .image_cache import DecodedImages
+from .splits import DSISplits
+from ..checkpoint.image_index import ImageIndex
+from ..checkpoint.image_processing import load_rgb
 
 # `kind` of a row: image -> id, caption -> id, image -> caption (the caption decoder), and a pseudo-query slot
 # (caption -> id, whose caption the collator takes from the current pseudo-queries of that image)

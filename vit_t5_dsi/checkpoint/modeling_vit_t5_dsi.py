@@ -9,67 +9,35 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
     GenerationMixin,
     PreTrainedModel,
     T5EncoderModel,
     T5ForConditionalGeneration,
-    TimmWrapperConfig,
     TimmWrapperModel,
     ViTModel,
 )
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from .atomic_io import save_directory_atomically
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
-from .optional_imports import optional_import
-# imported here so that save_pretrained copies the pipeline file with the model code (relative imports travel)
-from .pipeline_text_to_image_retrieval import custom_pipeline_entry
+from .checkpoint_code import copy_checkpoint_code
+from .modeling_outputs import DualEncoderOutput, GenerativeOutput
+from .vision_tower import build_vision_tower, load_pretrained_vision_tower, vision_tower_width
 
 logger = logging.getLogger(__name__)
 
 CAPTION_TOKEN = "<caption>"
-
-
-def build_vision_tower(vision_config) -> PreTrainedModel:
-    """The image tower for a vision sub-config; ViT without its pooler (unused parameters break DDP)."""
-    if vision_config.model_type == "vit":
-        return ViTModel(vision_config, add_pooling_layer=False)
-    return AutoModel.from_config(vision_config)
-
-
-def vision_tower_width(tower: PreTrainedModel) -> int:
-    if isinstance(tower, TimmWrapperModel):
-        return int(tower.timm_model.num_features)
-    return int(tower.config.hidden_size)
-
-
-def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
-    """A ViT (or any AutoModel vision) checkpoint, a `timm/...` Hub repo, or a bare timm architecture name."""
-    timm = optional_import("timm", "a timm image tower")
-
-    if not os.path.isdir(name_or_path) and timm.is_model(name_or_path):
-        tower = TimmWrapperModel(TimmWrapperConfig(architecture=name_or_path))
-        try:  # timm's own pretrained weights need the network; offline we keep the random init, loudly
-            pretrained = timm.create_model(name_or_path, pretrained=True, num_classes=0)
-            tower.timm_model.load_state_dict(pretrained.state_dict())
-        except Exception as err:  # noqa: BLE001 - any download failure means the same thing here
-            logger.warning("timm weights for %r unavailable (%s); the image tower starts from random weights.",
-                           name_or_path, err)
-        return tower
-    config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type == "vit":
-        return ViTModel.from_pretrained(name_or_path, add_pooling_layer=False)
-    return AutoModel.from_pretrained(name_or_path)
+# CLIP's bounds: the learned logit scale may not exceed 100 (beyond it the contrastive loss destabilises), and the
+# optional alignment loss of the generative variants uses CLIP's initial temperature, fixed
+MAX_LOGIT_SCALE = math.log(100.0)
+ALIGNMENT_TEMPERATURE = 0.07
 
 
 def pad_and_stack(first: torch.Tensor, first_mask: torch.Tensor, second: torch.Tensor, second_mask: torch.Tensor):
@@ -150,7 +118,7 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
                if key in kwargs}
         timestamps = self._get_files_timestamps(save_directory) if push_to_hub and os.path.isdir(save_directory) else {}
         # `pipeline("text-to-image-retrieval", model=save_directory, trust_remote_code=True)` finds its code here
-        self.config.custom_pipelines = custom_pipeline_entry(self.config.variant)
+        self.config.custom_pipelines = self.config.custom_pipelines_entry()
         if not is_main_process:
             super().save_pretrained(save_directory, is_main_process=False, **kwargs)
             return
@@ -158,6 +126,7 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
 
         def write(folder: str) -> None:
             save_weights_and_config(folder, **kwargs)
+            copy_checkpoint_code(folder)  # the pipeline and every module it needs, not only the model's imports
             if self.image_index is not None:
                 self.image_index.save(folder)
 
@@ -292,12 +261,12 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
             return image_states.new_zeros(())
         images = F.normalize(masked_mean(image_states, image_mask), dim=-1)
         texts = F.normalize(masked_mean(text_states, text_mask), dim=-1)
-        logits = texts[has_match] @ images.T / 0.07
+        logits = texts[has_match] @ images.T / ALIGNMENT_TEMPERATURE
         return self.config.alignment_loss_weight * F.cross_entropy(logits, matches[has_match].float().argmax(1))
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, encoder_outputs=None, labels=None, cache=None, use_cache=None,
-                **kwargs) -> Seq2SeqLMOutput:
+                **kwargs) -> GenerativeOutput:
         aux_loss = None
         if encoder_outputs is None:
             encoder_outputs, attention_mask, aux_loss = self.encode(pixel_values, input_ids, attention_mask, labels)
@@ -308,7 +277,7 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
                                       use_cache=use_cache, **kwargs)
         if aux_loss is not None and outputs.loss is not None:
             outputs.loss = outputs.loss + aux_loss
-        return outputs
+        return GenerativeOutput(**outputs)
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, encoder_outputs=None, **kwargs):
@@ -358,14 +327,6 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
         return out[:, prefix.shape[1]:]
 
 
-@dataclass
-class DualEncoderOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-
-
 class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
     """The dense baseline: pooled ViT and T5-encoder embeddings, CLIP-style symmetric contrastive loss."""
 
@@ -408,7 +369,7 @@ class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
         text_embeds = self.encode_texts(input_ids, attention_mask) if input_ids is not None else None
         loss = logits = None
         if image_embeds is not None and text_embeds is not None:
-            logits = self.logit_scale.clamp(max=4.6052).exp() * text_embeds @ image_embeds.T
+            logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * text_embeds @ image_embeds.T
             if labels is None:
                 labels = torch.arange(logits.shape[0], device=logits.device)
             positives = labels[:, None] == labels[None, :]
@@ -423,27 +384,6 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
 
 
-def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:
-    return ViTT5DSIDualEncoderModel if variant == "dual_encoder" else ViTT5DSIForConditionalGeneration
-
-
-def load_dsi_model(name_or_path: str, strict: bool = False, **kwargs) -> ViTT5DSIPreTrainedModel:
-    """Load a checkpoint of any variant with the class its config names (`kwargs` reach every download).
-    `strict`: a missing, unexpected or mis-shaped weight is an error (transformers only warns), as when resuming."""
-    from .image_index import HUB_KWARGS
-
-    config = ViTT5DSIConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS})
-    cls = model_class_for_variant(config.variant)
-    if not strict:
-        return cls.from_pretrained(name_or_path, **kwargs)
-    model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
-    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if any(problems.values()):
-        raise ValueError(f"{name_or_path}: weights do not match the model: " + "; ".join(
-            f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[:3]})" for kind, keys in problems.items() if keys))
-    return model
-
-
 ViTT5DSIConfig.register_for_auto_class()
 ViTT5DSIForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 ViTT5DSIDualEncoderModel.register_for_auto_class("AutoModel")
@@ -452,6 +392,4 @@ __all__ = [
     "ViTT5DSIPreTrainedModel",
     "ViTT5DSIForConditionalGeneration",
     "ViTT5DSIDualEncoderModel",
-    "model_class_for_variant",
-    "load_dsi_model",
 ]

@@ -7,8 +7,12 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig, T5Config, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
-VARIANTS = ("cross_attention", "codebook", "dual_encoder")
+DUAL_ENCODER = "dual_encoder"  # the dense baseline: the one variant that embeds instead of writing identifiers
 GENERATIVE_VARIANTS = ("cross_attention", "codebook")
+VARIANTS = GENERATIVE_VARIANTS + (DUAL_ENCODER,)
+# The pipeline task every checkpoint names in `config.custom_pipelines`, and the checkpoint file that implements it
+RETRIEVAL_TASK = "text-to-image-retrieval"
+PIPELINE_MODULE = "pipeline_text_to_image_retrieval"
 TEXT_MODEL_TYPES = ("t5", "mt5")
 
 # Named sizes. `tiny` is what tests and the built-in demo train on 2 CPU cores; `base` has the
@@ -99,6 +103,27 @@ class ViTT5DSIConfig(PreTrainedConfig):
             self.text_config.decoder_start_token_id = self.text_config.pad_token_id
         self.decoder_start_token_id = self.text_config.decoder_start_token_id
 
+    @property
+    def is_generative(self) -> bool:
+        """Writes identifiers under constrained beam search (cross_attention, codebook)."""
+        return self.variant in GENERATIVE_VARIANTS
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """Embeds captions and images and ranks by cosine (the dense baseline)."""
+        return self.variant == DUAL_ENCODER
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads this variant."""
+        return "AutoModel" if self.is_dual_encoder else "AutoModelForSeq2SeqLM"
+
+    def custom_pipelines_entry(self) -> dict:
+        """What `config.custom_pipelines` records so that `pipeline(RETRIEVAL_TASK, model=CKPT,
+        trust_remote_code=True)` finds the pipeline file the checkpoint carries (how transformers saves one)."""
+        return {RETRIEVAL_TASK: {"impl": f"{PIPELINE_MODULE}.TextToImageRetrievalPipeline",
+                                 "pt": [self.auto_class], "type": "multimodal"}}
+
     def _check(self) -> None:
         """Fail at construction, naming the field, rather than deep inside a forward pass."""
         if self.variant not in VARIANTS:
@@ -157,4 +182,5 @@ class ViTT5DSIConfig(PreTrainedConfig):
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-__all__ = ["ViTT5DSIConfig", "VARIANTS", "GENERATIVE_VARIANTS", "SIZE_PRESETS"]
+__all__ = ["ViTT5DSIConfig", "VARIANTS", "GENERATIVE_VARIANTS", "DUAL_ENCODER", "SIZE_PRESETS", "RETRIEVAL_TASK",
+           "PIPELINE_MODULE"]

@@ -21,13 +21,13 @@ import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
-from .dsi_data import DSICollator, ImageSource
-from .atomic_io import atomic_write_text, disk_full_error
+from ..data.rows import DSICollator, ImageSource
+from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
 from .pseudo_queries import REFRESH_STATE_FILE, epoch_index, generate_captions
-from .ranking import rank_queries
+from ..checkpoint.ranking import rank_queries
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_checkpoint_weights(model, checkpoint: str) -> None:
     a resumed run trained on with a randomly initialised image tower. Here the checkpoint is loaded through
     `from_pretrained` (every conversion applied), and its state dict must match the model's key for key.
     """
-    from .modeling_vit_t5_dsi import load_dsi_model
+    from ..checkpoint.loading import load_dsi_model
 
     try:
         loaded = load_dsi_model(checkpoint, strict=True)

@@ -1,13 +1,13 @@
 """Hits@k and MRR@k as an `evaluate` metric, for users who compute metrics through `evaluate`.
 
     import evaluate
-    from vit_t5_dsi.hits_metric import RetrievalHits
-    metric = RetrievalHits()                      # or evaluate.load("path/to/vit_t5_dsi/hits_metric.py")
+    from vit_t5_dsi.training.hits_metric import RetrievalHits
+    metric = RetrievalHits()                      # or evaluate.load("path/to/vit_t5_dsi/training/hits_metric.py")
     metric.add_batch(predictions=[[3, 1, 2]], references=[1])
     metric.compute(ks=[1, 10], mrr_k=10)          # {"hits@1": 0.0, "hits@10": 1.0, "mrr@10": 0.5}
 
 Predictions are each query's ranked image positions (best first, -1 for an invalid or missing output),
-references the gold position. The arithmetic is `vit_t5_dsi.metrics`; this class only adapts it.
+references the gold position. The arithmetic is `vit_t5_dsi.training.metrics`; this class only adapts it.
 """
 
 import datasets
@@ -17,7 +17,7 @@ import numpy as np
 try:  # a package import, and `evaluate.load(<this file>)`, which loads it as a standalone module
     from .metrics import ranking_metrics
 except ImportError:
-    from vit_t5_dsi.metrics import ranking_metrics
+    from vit_t5_dsi.training.metrics import ranking_metrics
 
 _DESCRIPTION = ("Hits@k: the share of queries whose gold item is among the first k results. MRR@k: the mean of "
                 "1/rank of the gold item within the first k (0 when absent). Every query counts; an invalid or "
