@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config
 from vit_t5_dsi import ViTT5DSIProcessor, build_image_index, model_class_for_variant
-from vit_t5_dsi.checkpoint.checkpoint_code import CODE_DIRECTORY, checkpoint_code_files
+from vit_t5_dsi.checkpoint.checkpoint_files import CODE_DIRECTORY, checkpoint_code_files
 
 PACKAGE = os.path.dirname(CODE_DIRECTORY)
 MAX_MODULE_LINES = 400

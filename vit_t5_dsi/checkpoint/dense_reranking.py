@@ -24,7 +24,7 @@ class DenseReranker:
     """`load_dense_reranker(dual_encoder_checkpoint).rerank(ranking, texts, index)` (see `loading.py`)."""
 
     def __init__(self, model, processor, weight: float = 0.5):
-        if model.config.variant != "dual_encoder":
+        if not model.config.is_dual_encoder:
             raise ValueError(f"Re-ranking needs a dual_encoder checkpoint, got variant {model.config.variant!r}.")
         if model.image_index is None or model.image_index.embeddings is None:
             raise ValueError(f"The dual encoder has no image embeddings ({EMBEDDINGS_FILE_NAME}) to re-rank with.")

@@ -11,22 +11,17 @@ import os
 import numpy as np
 import torch
 
-from typing import TYPE_CHECKING
 
 from .atomic_io import atomic_write, atomic_write_text
+from .checkpoint_files import ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, EMBEDDINGS_FILE_NAME, INDEX_FILE_NAME
 from .index_arrays import KeyColumn, StringColumn, check_row_order
 from .token_table import IdStrings, TokenTable
 
-if TYPE_CHECKING:
-    from .image_index import ImageIndex
 
-INDEX_FILE_NAME = "image_index.json"  # the whole index (up to JSON_LIMIT images), else a header naming its columns
-ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # the per-image columns (larger indexes)
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "vit-t5-dsi image index", 2
 # Up to this many images an index is saved as one JSON file of lists (the first layout: readable, and loadable by
 # older code); above it, as a small JSON header plus a safetensors file of columns (~30 bytes per image).
 JSON_LIMIT = 10_000
-EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"
 # what `from_pretrained` passes on to the Hub download of the index, like transformers' own loaders
 HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download")
 
@@ -149,7 +144,7 @@ class ImageIndexFiles:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
-                  ) -> "ImageIndex":
+                  ) -> "ImageIndexFiles":
         """From the lists of `to_dict` (the first layout of `image_index.json`)."""
         try:
             index = cls(data["keys"], data["id_strings"], data["token_ids"], data["scheme"], data["eos_token_id"],
@@ -168,7 +163,7 @@ class ImageIndexFiles:
 
     @classmethod
     def from_arrays(cls, header: dict, arrays_path: str | os.PathLike, source: str = "image index",
-                    embeddings: torch.Tensor | None = None) -> "ImageIndex":
+                    embeddings: torch.Tensor | None = None) -> "ImageIndexFiles":
         """From a header (`image_index.json`) and its columns file: numpy reads, no Python loop per image."""
         from safetensors import SafetensorError, safe_open
 
@@ -238,7 +233,7 @@ class ImageIndexFiles:
 
     @classmethod
     def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None,
-             arrays_path: str | os.PathLike | None = None) -> "ImageIndex":
+             arrays_path: str | os.PathLike | None = None) -> "ImageIndexFiles":
         """From `image_index.json` (or the directory holding it) and the columns file it names, or from the
         first layout (every list in the JSON file); a corrupt file is an error naming it."""
         path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else os.fspath(path)
@@ -267,7 +262,7 @@ class ImageIndexFiles:
         return index
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "ImageIndex | None":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "ImageIndexFiles | None":
         """The index saved beside a checkpoint (a local directory or a Hub repo), or None when it has none.
 
         Only a missing file means "no index": a corrupt file, a network or an authentication error is raised as

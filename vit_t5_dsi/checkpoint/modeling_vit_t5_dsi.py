@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .atomic_io import save_directory_atomically
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
-from .checkpoint_code import copy_checkpoint_code
+from .checkpoint_files import copy_checkpoint_code
 from .modeling_outputs import DualEncoderOutput, GenerativeOutput
 from .vision_tower import build_vision_tower, load_pretrained_vision_tower, vision_tower_width
 
@@ -106,7 +106,7 @@ class ViTT5DSIPreTrainedModel(PreTrainedModel):
         config = ViTT5DSIConfig(vision_config=vision.config, text_config=text.config, **config_kwargs)
         if config.variant in GENERATIVE_VARIANTS and cls._text_model_class is not T5ForConditionalGeneration:
             raise ValueError(f"variant={config.variant!r} needs ViTT5DSIForConditionalGeneration.")
-        if config.variant == "dual_encoder" and cls is not ViTT5DSIDualEncoderModel:
+        if config.is_dual_encoder and cls is not ViTT5DSIDualEncoderModel:
             raise ValueError("variant='dual_encoder' needs ViTT5DSIDualEncoderModel.")
         return cls(config, vision_model=vision, text_model=text)
 
@@ -335,7 +335,7 @@ class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
     _text_model_attribute = "text_model"
 
     def __init__(self, config: ViTT5DSIConfig, vision_model=None, text_model=None):
-        if config.variant != "dual_encoder":
+        if not config.is_dual_encoder:
             raise ValueError(f"ViTT5DSIDualEncoderModel needs variant='dual_encoder', got {config.variant!r}.")
         super().__init__(config, vision_model, text_model)
         dim = config.projection_dim or config.text_config.d_model

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .image_cache import DecodedImages
 from .splits import DSISplits
+from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
 from ..checkpoint.image_index import ImageIndex
 from ..checkpoint.image_processing import load_rgb
 
@@ -71,7 +72,7 @@ def training_stream(splits: DSISplits, variant: str, indexing_ratio: float | Non
     slots = [(key, j) for key, count in (pseudo_query_slots or {}).items() for j in range(count)]
     if slots:
         texts.append(_rows([k for k, _ in slots], [""] * len(slots), PSEUDO_QUERY, False, [j for _, j in slots]))
-    if variant == "dual_encoder":
+    if variant == DUAL_ENCODER:
         return datasets.concatenate_datasets(texts).shuffle(seed=seed) if len(texts) > 1 else texts[0]
     if not 0.0 <= captioning_ratio <= 1.0:
         raise ValueError(f"captioning_ratio must be in [0, 1], got {captioning_ratio}.")
@@ -115,7 +116,7 @@ class DSICollator:
     image positions (dual encoder). Evaluation rows: inputs plus `gold_index` and `query_id` (and `query_text`,
     the captions themselves, for caption queries)."""
 
-    def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, augment: bool = False,
+    def __init__(self, index: ImageIndex, images: ImageSource, processor, variant: str, *, augment: bool = False,
                  caption_token_id: int | None = None, pseudo_queries=None, image_cache_mb: float = 4096,
                  seed: int = 42):
         """`processor`: a `ViTT5DSIProcessor`. `augment` applies a mild random resized crop to training images
@@ -193,7 +194,7 @@ class DSICollator:
                 texts = self.pseudo_queries.for_key(row["image_key"]) if self.pseudo_queries is not None else []
                 if texts:
                     row = {**row, "kind": RETRIEVAL, "caption": texts[row["slot"] % len(texts)]}
-                elif self.variant == "dual_encoder":
+                elif self.variant == DUAL_ENCODER:
                     continue
                 else:
                     row = {**row, "kind": INDEXING}
@@ -221,7 +222,7 @@ class DSICollator:
             if captions:  # the raw text, for a re-ranker with its own tokenizer (a list: never sent to a device)
                 batch["query_text"] = [r["caption"] for r in captions]
             return batch
-        if self.variant == "dual_encoder":
+        if self.variant == DUAL_ENCODER:
             keys = [r["image_key"] for r in captions]
             batch["pixel_values"] = self._pixels(keys, training=True, rows=captions)
             batch.update(self._text([r["caption"] for r in captions]))

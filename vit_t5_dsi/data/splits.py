@@ -33,6 +33,13 @@ class DSISplits:
         return (f"{len(self.index)} images indexed, {len(self.train_queries)} training captions, "
                 f"{len(self.eval_queries)} held-out-image queries, {len(self.seen_queries)} seen-image queries")
 
+    def held_out_captions(self) -> dict[str, list[str]]:
+        """Held-out image key -> its real captions: the references of caption-quality metrics (never trained on)."""
+        references: dict[str, list[str]] = {}
+        for key, caption in zip(self.eval_queries["image_key"][:], self.eval_queries["caption"][:]):
+            references.setdefault(key, []).append(caption)
+        return references
+
 
 def _captions(keys, captions) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image_key": list(keys), "caption": list(captions)})

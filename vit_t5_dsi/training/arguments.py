@@ -13,6 +13,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
 from ..checkpoint.errors import UsageError
 from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
                      TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
@@ -257,7 +258,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"--rq_num_levels must be >= 1, got {model_args.rq_num_levels}.")
     if model_args.rq_codes_per_level is not None and model_args.rq_codes_per_level < 2:
         raise UsageError(f"--rq_codes_per_level must be >= 2, got {model_args.rq_codes_per_level}.")
-    generative = model_args.variant != "dual_encoder"
+    generative = model_args.variant != DUAL_ENCODER
     if model_args.dense_first:
         if not generative:
             raise UsageError("--dense_first trains a dual encoder before a generative model: pass a generative "
@@ -282,7 +283,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"--rerank_weight must be in [0, 1], got {model_args.rerank_weight}.")
     if not 0.0 <= data_args.captioning_ratio <= 1.0:
         raise UsageError(f"--captioning_ratio must be in [0, 1], got {data_args.captioning_ratio}.")
-    if data_args.captioning_ratio > 0 and model_args.variant == "dual_encoder":
+    if data_args.captioning_ratio > 0 and model_args.variant == DUAL_ENCODER:
         raise UsageError("--captioning_ratio needs a generative variant: the dual encoder has no decoder.")
     if data_args.pseudo_query_epochs:
         if data_args.pseudo_queries:
@@ -318,7 +319,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
     if training_args.retrieval_k < 1:
         raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")
-    if training_args.fp16 and model_args.variant != "dual_encoder" and not training_args.allow_fp16_t5:
+    if training_args.fp16 and model_args.variant != DUAL_ENCODER and not training_args.allow_fp16_t5:
         raise UsageError("--fp16 with T5 overflows (NaN losses): use --bf16, or fp32 on GPUs without bf16. "
                          "Pass --allow_fp16_t5 to try anyway.")
     if training_args.remove_unused_columns:

@@ -15,7 +15,7 @@ import torch
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The dual encoder's normalised image embeddings; for a generative model, the mean of its tower's states."""
-    if model.config.variant == "dual_encoder":
+    if model.config.is_dual_encoder:
         return model.encode_images(pixel_values)
     return model.vision_states(pixel_values).mean(1)
 

@@ -49,7 +49,7 @@ def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or
     return template.format(
         model_name=model_name, variant=config.variant, variant_description=VARIANT_DESCRIPTIONS[config.variant],
         num_images=len(index) if index is not None else "?",
-        docid_scheme=index.scheme if index is not None and config.variant != "dual_encoder" else "none (dense)",
+        docid_scheme=index.scheme if index is not None and config.is_generative else "none (dense)",
         max_id_length=index.max_id_length if index is not None else "?",
         vision_description=vision_description, d_model=config.text_config.d_model,
         text_layers=config.text_config.num_layers, data_description=data_description,

@@ -12,18 +12,16 @@ import logging
 import os
 import shutil
 
-from .dense_stage import DENSE_FIRST_DIR
 from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_files import DUAL_ENCODER_SUBFOLDER, MODEL_FILES, RUN_RECORD_FILES
+from ..checkpoint.image_index_files import index_file_names
 
 logger = logging.getLogger(__name__)
 
 # what an earlier run left that a new one must not inherit (weights and code are rewritten by the new run)
-RUN_RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "dense_results.json", "protocol.json",
-               "trainer_state.json",
-               "pseudo_queries.jsonl")
-RUN_SUBDIRS = (DENSE_FIRST_DIR,)  # --dense_first's dual encoder: a new run trains its own
-MODEL_STATE = ("image_index.json", "image_embeddings.safetensors", "model.safetensors", "model.safetensors.index.json",
-               "config.json", "generation_config.json")
+RUN_RESULTS = RUN_RECORD_FILES
+RUN_SUBDIRS = (DUAL_ENCODER_SUBFOLDER,)  # --dense_first's dual encoder: a new run trains its own
+MODEL_STATE = MODEL_FILES
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, dense_first: bool = False) -> None:
@@ -44,8 +42,8 @@ def clear_previous_run(output_dir: str, keep_model: bool = False) -> list[str]:
     evaluate-only run writes beside the checkpoint it evaluates). Returns what was removed. Main process only."""
     if not os.path.isdir(output_dir):
         return []
-    names = list(RUN_RESULTS) + ([] if keep_model else list(MODEL_STATE))
-    removed = [path for path in (os.path.join(output_dir, n) for n in names) if os.path.isfile(path)]
+    names = list(RUN_RESULTS) + ([] if keep_model else list(MODEL_STATE) + index_file_names(output_dir))
+    removed = [path for path in (os.path.join(output_dir, n) for n in dict.fromkeys(names)) if os.path.isfile(path)]
     for path in removed:
         os.unlink(path)
     checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")))

@@ -22,6 +22,8 @@ from transformers import TrainerCallback
 from ..checkpoint.atomic_io import atomic_write_text
 from ..checkpoint.errors import CollectionError
 from .image_embeddings import map_images
+from ..checkpoint.checkpoint_files import PSEUDO_QUERIES_FILE
+from .recipe import pseudo_query_epochs, pseudo_query_fractions
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +180,6 @@ class RoundTripFilter:
         return kept
 
 
-PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
 REFRESH_STATE_FILE = "pseudo_query_refresh.json"  # in checkpoints: which refreshes are done
 
 
@@ -280,6 +281,43 @@ class PseudoQueryRefresh(TrainerCallback):
         self.seconds_spent = float(self.store.captioner_metrics.get("writing_seconds", 0.0))
 
 
+def pseudo_queries_for(data_args, training_args, splits, images, processor, references: dict[str, list[str]],
+                       query_filter=None) -> tuple[PseudoQueries, PseudoQueryRefresh | None]:
+    """The pseudo-queries to train on (a `PseudoQueries` the collator reads) and, when the model writes them during
+    training, the callback that does. Evaluation captions never enter: the captioner learns from training
+    captions only, and a file's rows must name indexed images."""
+    indexed = splits.index["image_key"][:]
+    keys = indexed
+    if data_args.pseudo_query_images == "uncaptioned":
+        captioned = set(splits.train_queries["image_key"][:])
+        keys = [key for key in keys if key not in captioned]
+    if data_args.pseudo_queries:
+        store = PseudoQueries.load(data_args.pseudo_queries, known_keys=indexed)
+        if data_args.pseudo_query_images == "uncaptioned":
+            store = PseudoQueries({key: store.for_key(key) for key in keys}, store.source)
+        return store, None
+    epochs, fractions = pseudo_query_epochs(data_args), pseudo_query_fractions(data_args)
+    if not epochs and not fractions:
+        return PseudoQueries(), None
+    store = PseudoQueries()
+    refresh = PseudoQueryRefresh(store, keys, images, processor, epochs, data_args.num_pseudo_queries,
+                                 training_args.per_device_eval_batch_size, data_args.pseudo_query_top_k,
+                                 progress=training_args.should_log and not training_args.disable_tqdm,
+                                 stop_captioning_after_last=not data_args.keep_captioning,
+                                 references=references, query_filter=query_filter, fractions=fractions)
+    if training_args.resume_from_checkpoint:  # it trains on the pseudo-queries it had, refreshes what it had not
+        refresh.restore(training_args.resume_from_checkpoint, known_keys=indexed)
+    return store, refresh
+
+
+def pseudo_query_slots(store: PseudoQueries, refresh: PseudoQueryRefresh | None, data_args) -> dict[str, int]:
+    """Training rows per epoch per image for pseudo-queries: a file's queries as they are, or a fixed number per
+    image for queries the model writes during training (the stream is built before they exist)."""
+    if refresh is None:
+        return {key: len(store.for_key(key)) for key in store.queries}
+    return {key: data_args.pseudo_query_rows_per_image or data_args.num_pseudo_queries for key in refresh.keys}
+
+
 def epochs_for_fractions(fractions: Sequence[float], num_epochs: float) -> list[int]:
     """Epoch boundaries nearest to each fraction of `num_epochs`, after the first epoch and before the last."""
     last = int(num_epochs) - 1 if float(num_epochs).is_integer() else int(num_epochs)
@@ -293,4 +331,4 @@ def epoch_index(state) -> int:
 
 
 __all__ = ["PseudoQueries", "PseudoQueryRefresh", "generate_pseudo_queries", "generate_captions",
-           "PSEUDO_QUERIES_FILE", "REFRESH_STATE_FILE", "RoundTripFilter", "epoch_index", "epochs_for_fractions"]
+           "PSEUDO_QUERIES_FILE", "REFRESH_STATE_FILE", "pseudo_queries_for", "pseudo_query_slots", "RoundTripFilter", "epoch_index", "epochs_for_fractions"]

@@ -5,13 +5,8 @@ Every default here was measured (docs/recipe.md has the ablations); a flag given
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
 from ..checkpoint.errors import UsageError
-
-if TYPE_CHECKING:
-    from .arguments import DataArguments, DSITrainingArguments, ModelArguments
 
 # The built-in demo (no data flags): 300 synthetic scenes; semantic leaves of at most 10 images, since with DSI's
 # c=100 a 300-image collection's last id token is an arbitrary position among ~100 images.
@@ -32,11 +27,11 @@ DENSE_FIRST_SHARE = 2 / 3
 TRAIN_EPOCHS, DEMO_TRAIN_EPOCHS = 300.0, 150.0
 
 
-def pseudo_query_epochs(data_args: DataArguments) -> list[int]:
+def pseudo_query_epochs(data_args) -> list[int]:
     return [int(e) for e in (data_args.pseudo_query_epochs or "").split(",") if e.strip()]
 
 
-def pseudo_query_fractions(data_args: DataArguments) -> list[float]:
+def pseudo_query_fractions(data_args) -> list[float]:
     """--pseudo_query_at as fractions of training (empty when off, or when --pseudo_query_epochs names epochs)."""
     if data_args.pseudo_query_epochs or not data_args.pseudo_query_at or data_args.pseudo_query_at == "none":
         return []
@@ -50,7 +45,7 @@ def pseudo_query_fractions(data_args: DataArguments) -> list[float]:
     return fractions
 
 
-def rq_codes_per_level(model_args: ModelArguments, num_images: int) -> int:
+def rq_codes_per_level(model_args, num_images: int) -> int:
     """--rq_codes_per_level, or the smallest K with K ** levels >= RQ_CELLS_PER_IMAGE x the images (at least 2)."""
     if model_args.rq_codes_per_level is not None:
         return model_args.rq_codes_per_level
@@ -60,8 +55,7 @@ def rq_codes_per_level(model_args: ModelArguments, num_images: int) -> int:
     return codes
 
 
-def resolve_recipe(model_args: ModelArguments, data_args: DataArguments,
-                   training_args: DSITrainingArguments | None = None) -> str:
+def resolve_recipe(model_args, data_args, training_args=None) -> str:
     """Fill every default the flags left open (the one place), and return the one line that says which recipe
     runs. A generative model trained from scratch gets the whole recipe on any collection; a flag given turns its
     part off or changes it (`--dense_first False`, `--docid_scheme semantic`, `--captioning_ratio 0`,
@@ -108,7 +102,7 @@ def resolve_recipe(model_args: ModelArguments, data_args: DataArguments,
     return recipe_summary(model_args, data_args, writes_queries)
 
 
-def recipe_summary(model_args: ModelArguments, data_args: DataArguments, writes_queries: bool) -> str:
+def recipe_summary(model_args, data_args, writes_queries: bool) -> str:
     if model_args.variant == DUAL_ENCODER:
         return "Recipe: the dual encoder alone (dense baseline)."
     parts = [f"{model_args.docid_scheme} ids" + (" from a dual encoder trained first" if model_args.dense_first

@@ -116,9 +116,10 @@ class DSITrainer(Seq2SeqTrainer):
                              "images.")
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
-                                                  model.config.variant, augment,
-                                                  getattr(model.config, "caption_token_id", None), pseudo_queries,
-                                                  image_cache_mb, seed=getattr(args, "seed", 42))
+                                                  model.config.variant, augment=augment,
+                                                  caption_token_id=getattr(model.config, "caption_token_id", None),
+                                                  pseudo_queries=pseudo_queries, image_cache_mb=image_cache_mb,
+                                                  seed=getattr(args, "seed", 42))
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
                                                                      min(10, self.retrieval_k)))
         super().__init__(model=model, args=args, **kwargs)
@@ -138,7 +139,7 @@ class DSITrainer(Seq2SeqTrainer):
 
     @property
     def is_dual_encoder(self) -> bool:
-        return self.model.config.variant == "dual_encoder"
+        return self.model.config.is_dual_encoder
 
     # ----- evaluation --------------------------------------------------------------------------------
     @property
