@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Drive the Gradio app (app.py) in headless Chromium: the browser test uses it, and so does the README screenshot.
+"""Drive the Gradio app (vit_t5_dsi/search/app.py) in headless Chromium: the browser test uses it, and so does the
+README screenshot.
 
     python tests/app_browser.py --model dsi_demo_output --query "a large red circle in the top left" --k 5 \\
         --screenshot docs/app_screenshot.png
@@ -41,15 +42,17 @@ def free_port() -> int:
 
 
 class RunningApp:
-    """`python app.py --model MODEL` in a child process on 127.0.0.1; `url` once it serves, `stop()` at the end."""
+    """`python -m vit_t5_dsi.search.app --model MODEL` in a child process on 127.0.0.1, its port given the way hosting
+    platforms give it (GRADIO_SERVER_PORT); `url` once it serves, `stop()` at the end."""
 
     def __init__(self, model: str, *extra: str, timeout: float = 180):
         self.port = free_port()
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "app.py"), "--model", model, "--port", str(self.port), *extra],
+            [sys.executable, "-m", "vit_t5_dsi.search.app", "--model", model, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(self.port),
+                 "GRADIO_SERVER_NAME": "127.0.0.1"})
         self.output: list[str] = []
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -62,7 +65,7 @@ class RunningApp:
                 line = None
             if line is None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("app.py did not start serving:\n" + "".join(self.output[-40:]))
+                raise RuntimeError("the app did not start serving:\n" + "".join(self.output[-40:]))
             if URL_PREFIX in line:
                 self.url = line.split(URL_PREFIX, 1)[1].strip()
         self.seconds_to_serve = time.perf_counter() - self.started
