@@ -15,9 +15,8 @@ import shutil
 
 import torch
 
-from ..checkpoint.loading import RERANKER_SUBFOLDER
 
-DENSE_FIRST_DIR = RERANKER_SUBFOLDER  # where every search surface looks for the checkpoint's re-ranker
+DENSE_FIRST_DIR = "dual_encoder"
 # what a finished dense stage leaves (written by the final save, after its last checkpoint)
 FINISHED_FILES = ("config.json", "model.safetensors", "image_index.json", "image_embeddings.safetensors",
                   "all_results.json")
