@@ -255,7 +255,8 @@ def sentencepiece_style_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "▁": 3, "▁a": 4, "▁circle": 5, "▁red": 6, "▁tri": 7, "angle": 8,
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "▁": 3, "▁a": 4, "▁circle": 5, "▁red": 6, "▁tri": 7,
+             "angle": 8,
              **{c: 9 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()

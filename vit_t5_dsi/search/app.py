@@ -125,7 +125,8 @@ class SearchPage:
             listing = ", ".join(f"`{hit['image_key']}` ({hit['score']:.3f})" for hit in missing)
             hint = self.images_note or ("" if self.collection_images else "Start the app with `--image_dir` set to "
                                         "the folder holding the collection's images.")
-            notes.append(f"{len(missing)} of the {len(hits)} results have no image in {where}: {listing}. {hint}")
+            notes.append(f"{len(missing)} of the {len(hits)} results have no image file in {where}: {listing}. "
+                         + hint)
         kind = "text" if isinstance(query, str) else "image"
         how = ", re-ranked by the dual encoder" if kind == "text" and self.search.reranker is not None else ""
         summary = (f"Top {len(hits)} of {self.num_images} indexed images for the {kind} query{how} "
