@@ -2,7 +2,7 @@
 """Drive the Gradio app (vit_t5_dsi/search/app.py) in headless Chromium: the browser test uses it, and so does the
 README screenshot.
 
-    python tests/app_browser.py --model dsi_demo_output --query "a large red circle in the top left" --k 5 \\
+    python tests/app_browser.py --model dsi_demo_output --query "a large red circle in the top left" --top_k 5 \\
         --screenshot docs/app_screenshot.png
 
 Needs Debian's `chromium` and `chromium-driver` packages (`.ci/run` installs them) and selenium (the test extra).
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dsi_demo_output")
     parser.add_argument("--query", default="a large red circle in the top left")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--top_k", "--k", dest="top_k", type=int, default=5, help="Images to ask for (--k: old name).")
     parser.add_argument("--screenshot", default="docs/app_screenshot.png")
     parser.add_argument("--expect", default=None, help="An image key the gallery must show (exit 1 otherwise).")
     args = parser.parse_args(argv)
@@ -149,15 +149,15 @@ def main(argv=None) -> int:
         driver = headless_chromium()
         try:
             started = time.perf_counter()
-            keys, message = search_in_browser(driver, app.url, args.query, args.k, args.screenshot)
+            keys, message = search_in_browser(driver, app.url, args.query, args.top_k, args.screenshot)
             print(f"first search in the browser: {time.perf_counter() - started:.2f} s (page load included)")
         finally:
             driver.quit()
     print(message)
     print("gallery:", ", ".join(keys))
     print("screenshot:", args.screenshot)
-    if len(keys) != args.k:
-        print(f"expected {args.k} images in the gallery, got {len(keys)}", file=sys.stderr)
+    if len(keys) != args.top_k:
+        print(f"expected {args.top_k} images in the gallery, got {len(keys)}", file=sys.stderr)
         return 1
     if args.expect and args.expect not in keys:
         print(f"{args.expect} is not among the results", file=sys.stderr)
