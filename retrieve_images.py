@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         try:
             keys_path = export_embeddings(retriever, args.export_embeddings)
         except ValueError as err:
-            parser.error(f"--export_embeddings: {err}")
+            hint = " (--no_rerank left its dual encoder unloaded)" if args.no_rerank else ""
+            parser.error(f"--export_embeddings: {err}{hint}")
         print(f"Wrote {len(retriever.image_index)} image embeddings to {args.export_embeddings} and their keys to "
               f"{keys_path}.", file=sys.stderr)
     if not queries and not args.image:
