@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Drive the Gradio app (app.py) in headless Chromium: the browser test uses it, and so does the README screenshot.
+"""Drive the Gradio app (vit_t5_dsi/search/app.py) in headless Chromium: the browser test uses it, and so does the
+README screenshot.
 
-    python tests/app_browser.py --model dsi_demo_output --query "a large red circle in the top left" --k 5 \\
+    python tests/app_browser.py --model dsi_demo_output --query "a large red circle in the top left" --top_k 5 \\
         --screenshot docs/app_screenshot.png
 
 Needs Debian's `chromium` and `chromium-driver` packages (`.ci/run` installs them) and selenium (the test extra).
@@ -41,15 +42,17 @@ def free_port() -> int:
 
 
 class RunningApp:
-    """`python app.py --model MODEL` in a child process on 127.0.0.1; `url` once it serves, `stop()` at the end."""
+    """`python -m vit_t5_dsi.search.app --model MODEL` in a child process on 127.0.0.1, its port given the way hosting
+    platforms give it (GRADIO_SERVER_PORT); `url` once it serves, `stop()` at the end."""
 
     def __init__(self, model: str, *extra: str, timeout: float = 180):
         self.port = free_port()
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "app.py"), "--model", model, "--port", str(self.port), *extra],
+            [sys.executable, "-m", "vit_t5_dsi.search.app", "--model", model, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(self.port),
+                 "GRADIO_SERVER_NAME": "127.0.0.1"})
         self.output: list[str] = []
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -62,7 +65,7 @@ class RunningApp:
                 line = None
             if line is None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("app.py did not start serving:\n" + "".join(self.output[-40:]))
+                raise RuntimeError("the app did not start serving:\n" + "".join(self.output[-40:]))
             if URL_PREFIX in line:
                 self.url = line.split(URL_PREFIX, 1)[1].strip()
         self.seconds_to_serve = time.perf_counter() - self.started
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dsi_demo_output")
     parser.add_argument("--query", default="a large red circle in the top left")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--top_k", "--k", dest="top_k", type=int, default=5, help="Images to ask for (--k: old name).")
     parser.add_argument("--screenshot", default="docs/app_screenshot.png")
     parser.add_argument("--expect", default=None, help="An image key the gallery must show (exit 1 otherwise).")
     args = parser.parse_args(argv)
@@ -146,15 +149,15 @@ def main(argv=None) -> int:
         driver = headless_chromium()
         try:
             started = time.perf_counter()
-            keys, message = search_in_browser(driver, app.url, args.query, args.k, args.screenshot)
+            keys, message = search_in_browser(driver, app.url, args.query, args.top_k, args.screenshot)
             print(f"first search in the browser: {time.perf_counter() - started:.2f} s (page load included)")
         finally:
             driver.quit()
     print(message)
     print("gallery:", ", ".join(keys))
     print("screenshot:", args.screenshot)
-    if len(keys) != args.k:
-        print(f"expected {args.k} images in the gallery, got {len(keys)}", file=sys.stderr)
+    if len(keys) != args.top_k:
+        print(f"expected {args.top_k} images in the gallery, got {len(keys)}", file=sys.stderr)
         return 1
     if args.expect and args.expect not in keys:
         print(f"{args.expect} is not among the results", file=sys.stderr)

@@ -57,7 +57,7 @@ def test_a_mid_training_hub_push_is_a_complete_checkpoint(tmp_path, monkeypatch)
     mid_training = [snapshot for _, snapshot, message in hub.uploads if "step 2" in (message or "")]
     assert mid_training, [message for _, _, message in hub.uploads]
     assert MODEL_FILES <= set(os.listdir(mid_training[0])), sorted(os.listdir(mid_training[0]))
-    hits = DSIRetriever.from_pretrained(mid_training[0], device="cpu").retrieve(["a red circle"], k=3)[0]
+    hits = DSIRetriever.from_pretrained(mid_training[0], device="cpu").retrieve(["a red circle"], top_k=3)[0]
     assert len(hits) == 3
 
 

@@ -61,9 +61,13 @@ def test_retriever_reranks_with_the_dense_first_model(recipe_run):
 
     tmp_path, _ = recipe_run
     out = tmp_path / "out"
-    plain = DSIRetriever.from_pretrained(str(out), device="cpu").retrieve(["a red circle"], k=5)[0]
+    plain = DSIRetriever.from_pretrained(str(out), device="cpu", rerank=False).retrieve(["a red circle"], top_k=5)[0]
     reranked = DSIRetriever.from_pretrained(str(out), device="cpu", rerank_with=str(out / "dual_encoder"),
-                                            rerank_weight=1.0).retrieve(["a red circle"], k=5)[0]
+                                            rerank_weight=1.0).retrieve(["a red circle"], top_k=5)[0]
+    # by default the checkpoint's own dual_encoder/ re-ranks (weight 0.5), as rerank_with names it
+    default = DSIRetriever.from_pretrained(str(out), device="cpu").retrieve(["a red circle"], top_k=5)[0]
+    explicit = DSIRetriever.from_pretrained(str(out), device="cpu", rerank_with=str(out / "dual_encoder"))
+    assert default == explicit.retrieve(["a red circle"], top_k=5)[0]
     assert {key for key, _ in reranked} == {key for key, _ in plain}  # the same candidates, re-ordered
     scores = [score for _, score in reranked]
     assert scores == sorted(scores, reverse=True)

@@ -90,7 +90,7 @@ def test_every_checkpoint_of_a_dual_encoder_searches_with_its_own_embeddings(tmp
     for step in (2, 4):
         checkpoint = os.path.join(tmp_path, "out", f"checkpoint-{step}")
         retriever = DSIRetriever.from_pretrained(checkpoint, device="cpu")
-        assert retriever.retrieve(["a red circle"], k=3)[0]
+        assert retriever.retrieve(["a red circle"], top_k=3)[0]
         embeddings.append(retriever.image_embeddings)
         expected = trainer.model.__class__.from_pretrained(checkpoint).eval()
         pixels = ViTT5DSIProcessor.from_pretrained(checkpoint)(

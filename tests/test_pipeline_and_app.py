@@ -62,7 +62,7 @@ def test_the_checkpoint_carries_a_pipeline_that_matches_the_retriever(checkpoint
     search = remote_pipeline(checkpoint)
     hits = search(QUERY, top_k=4)
     check_hits(hits, checkpoint, 4)
-    expected = DSIRetriever.from_pretrained(checkpoint, device="cpu").retrieve([QUERY], k=4)[0]
+    expected = DSIRetriever.from_pretrained(checkpoint, device="cpu").retrieve([QUERY], top_k=4)[0]
     assert [hit["image_key"] for hit in hits] == [key for key, _ in expected]
     assert [hit["score"] for hit in hits] == pytest.approx([score for _, score in expected], abs=1e-4)
 
@@ -111,7 +111,7 @@ def test_dense_reranking_in_the_pipeline_matches_the_retriever(checkpoints):
     search = remote_pipeline(generative, rerank_with=dense, rerank_weight=0.7)
     queries = [QUERY, "a small blue square"]
     expected = DSIRetriever.from_pretrained(generative, device="cpu", rerank_with=dense,
-                                            rerank_weight=0.7).retrieve(queries, k=4)
+                                            rerank_weight=0.7).retrieve(queries, top_k=4)
     for hits, want in zip(search(queries, top_k=4, batch_size=2), expected):
         assert [h["image_key"] for h in hits] == [key for key, _ in want]
         assert [h["score"] for h in hits] == pytest.approx([score for _, score in want], abs=1e-4)
@@ -190,7 +190,7 @@ def running_app(checkpoints):
 
 
 def test_app_messages_instead_of_stack_traces(checkpoints, tmp_path):
-    from app import SearchPage, load_search_pipeline
+    from vit_t5_dsi.search.app import SearchPage, load_search_pipeline
 
     page = SearchPage(load_search_pipeline(checkpoints["cross_attention"], "cpu"))
     gallery, message = page("", None, 5)
@@ -207,22 +207,22 @@ def test_app_messages_instead_of_stack_traces(checkpoints, tmp_path):
 
 
 def test_app_reranks_with_the_dense_first_folder_when_there_is_one(checkpoints, tmp_path):
-    from app import SearchPage, default_reranker, load_search_pipeline
+    from vit_t5_dsi.search.app import SearchPage, load_search_pipeline
 
-    assert default_reranker(checkpoints["cross_attention"], "cross_attention") is None
+    assert load_search_pipeline(checkpoints["cross_attention"], "cpu").reranker is None
     run = tmp_path / "run"
     shutil.copytree(checkpoints["cross_attention"], run)
     shutil.copytree(checkpoints["dual_encoder"], run / "dual_encoder")
-    assert default_reranker(str(run), "cross_attention") == str(run / "dual_encoder")
-    assert default_reranker(str(run), "dual_encoder") is None
-    page = SearchPage(load_search_pipeline(str(run), "cpu", rerank_with=default_reranker(str(run), "cross_attention")))
+    page = SearchPage(load_search_pipeline(str(run), "cpu"))
     gallery, message = page(QUERY, None, 3)
     assert len(gallery) == 3 and "re-ranked by the dual encoder" in message
+    gallery, message = SearchPage(load_search_pipeline(str(run), "cpu", rerank=False))(QUERY, None, 3)
+    assert len(gallery) == 3 and "re-ranked" not in message
 
 
 def test_app_refuses_a_directory_that_is_not_a_trained_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--model", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "vit_t5_dsi.search.app", "--model", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -53,7 +53,7 @@ def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, varian
     checkpoint = max((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     # a mid-run checkpoint retrieves on its own too
     assert (checkpoint / "processor_config.json").exists()
-    hits = DSIRetriever.from_pretrained(str(checkpoint), device="cpu").retrieve(["a red circle"], k=3)[0]
+    hits = DSIRetriever.from_pretrained(str(checkpoint), device="cpu").retrieve(["a red circle"], top_k=3)[0]
     keys = json.loads((tmp_path / "out" / "image_index.json").read_text())["keys"]
     assert len(hits) >= 1 and {key for key, _ in hits} <= set(keys)
 

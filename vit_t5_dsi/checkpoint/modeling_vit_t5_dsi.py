@@ -22,13 +22,14 @@ from transformers import (
     TimmWrapperModel,
     ViTModel,
 )
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from .atomic_io import save_directory_atomically
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
 from .checkpoint_files import copy_checkpoint_code
 from .modeling_outputs import DualEncoderOutput, GenerativeOutput
+from .tensor_ops import masked_mean, multi_positive_nce, normalised_mean_output, pad_and_stack
 from .vision_tower import build_vision_tower, load_pretrained_vision_tower, vision_tower_width
 
 logger = logging.getLogger(__name__)
@@ -38,24 +39,6 @@ CAPTION_TOKEN = "<caption>"
 # optional alignment loss of the generative variants uses CLIP's initial temperature, fixed
 MAX_LOGIT_SCALE = math.log(100.0)
 ALIGNMENT_TEMPERATURE = 0.07
-
-
-def pad_and_stack(first: torch.Tensor, first_mask: torch.Tensor, second: torch.Tensor, second_mask: torch.Tensor):
-    """Concatenate two (B, S, D) batches of different lengths along the batch, right-padding the shorter."""
-    length = max(first.shape[1], second.shape[1])
-
-    def pad(states, mask):
-        extra = length - states.shape[1]
-        return F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
-
-    first, first_mask = pad(first, first_mask)
-    second, second_mask = pad(second, second_mask)
-    return torch.cat([first, second]), torch.cat([first_mask, second_mask])
-
-
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(states.dtype).unsqueeze(-1)
-    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class ViTT5DSIPreTrainedModel(PreTrainedModel):
@@ -251,6 +234,20 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
             states, mask = pad_and_stack(image_states, image_mask, text_states, text_mask)
         return BaseModelOutput(last_hidden_state=states), mask, aux_loss
 
+    # ----- embeddings under CLIP's names ----------------------------------------------------------
+    def get_text_features(self, input_ids, attention_mask=None, **kwargs) -> BaseModelOutputWithPooling:
+        """Caption embeddings, as CLIP's `get_text_features` returns them: `last_hidden_state` the T5-encoder states
+        the decoder reads, `pooler_output` their L2-normalised masked mean (B, d_model), the space of the optional
+        alignment loss (comparable with images only when `alignment_loss_weight > 0`)."""
+        encoded, mask, _ = self.encode(input_ids=input_ids, attention_mask=attention_mask)
+        return normalised_mean_output(encoded.last_hidden_state, mask)
+
+    def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
+        """Image embeddings like `get_text_features`: the states the decoder reads for an image (projected tower
+        states, or the codebook's T5-encoded visual tokens) and their L2-normalised mean."""
+        encoded, mask, _ = self.encode(pixel_values=pixel_values)
+        return normalised_mean_output(encoded.last_hidden_state, mask)
+
     def _alignment_loss(self, image_states, image_mask, text_states, text_mask, labels):
         """Contrastive loss pulling each caption toward the image of the same identifier in the batch."""
         num_images = image_states.shape[0]
@@ -290,7 +287,6 @@ class ViTT5DSIForConditionalGeneration(ViTT5DSIPreTrainedModel, GenerationMixin)
             attention_mask = torch.ones(encoder_outputs.last_hidden_state.shape[:2], dtype=torch.long,
                                         device=encoder_outputs.last_hidden_state.device)
         return super().generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask, **kwargs)
-
 
     # ----- captioning (the seed's first step) -------------------------------------------------------
     def enable_captioning(self, tokenizer) -> int:
@@ -350,16 +346,30 @@ class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
         if module is self:
             self.logit_scale.fill_(self.config.logit_scale_init_value)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings (B, projection_dim): mean of the tower's token states."""
-        return F.normalize(self.visual_projection(self.vision_states(pixel_values).mean(1)), dim=-1)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """CLIP's name: the tower's token states and `pooler_output`, the L2-normalised embedding (B, projection_dim)
+        the index searches with (the mean of the token states, projected)."""
+        states = self.vision_states(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=states,
+                                          pooler_output=F.normalize(self.visual_projection(states.mean(1)), dim=-1))
 
-    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised caption embeddings (B, projection_dim): masked mean of T5-encoder states."""
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          **kwargs) -> BaseModelOutputWithPooling:
+        """CLIP's name: the T5-encoder states and `pooler_output`, the L2-normalised caption embedding
+        (B, projection_dim) compared with the indexed images (the masked mean of the states, projected)."""
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_projection(masked_mean(states, attention_mask)), dim=-1)
+        return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=F.normalize(
+            self.text_projection(masked_mean(states, attention_mask)), dim=-1))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, projection_dim): `get_image_features(...).pooler_output`."""
+        return self.get_image_features(pixel_values).pooler_output
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised caption embeddings (B, projection_dim): `get_text_features(...).pooler_output`."""
+        return self.get_text_features(input_ids, attention_mask).pooler_output
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
                 **kwargs) -> DualEncoderOutput:
@@ -376,12 +386,6 @@ class ViTT5DSIDualEncoderModel(ViTT5DSIPreTrainedModel):
             loss = (multi_positive_nce(logits, positives) + multi_positive_nce(logits.T, positives.T)) / 2
         return DualEncoderOutput(loss=loss, logits_per_text=logits, text_embeds=text_embeds,
                                  image_embeds=image_embeds)
-
-
-def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """InfoNCE where a row may have several positive columns: -log of the probability mass on them."""
-    positive_logits = logits.masked_fill(~positives, float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
 
 
 ViTT5DSIConfig.register_for_auto_class()

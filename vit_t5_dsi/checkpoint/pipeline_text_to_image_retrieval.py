@@ -3,6 +3,7 @@
     from transformers import pipeline
     search = pipeline("text-to-image-retrieval", model=CKPT, trust_remote_code=True)
     search("a red circle", top_k=5)     # [{"image_key": ..., "score": ..., "path": ...}, ...]
+    search("a red circle", top_k=5, rerank=False)  # the beam's own order, without the dual encoder
 
 Every checkpoint this library writes carries this file and names it in `config.custom_pipelines`, so the call above
 works wherever transformers is installed (the file is then loaded as the checkpoint's own code). It only imports
@@ -16,7 +17,7 @@ import torch
 from transformers import Pipeline
 
 from .configuration_vit_t5_dsi import RETRIEVAL_TASK
-from .loading import load_dense_reranker
+from .loading import RERANKER_SUBFOLDER, resolve_reranker
 from .ranking import rank_queries
 
 TASK = RETRIEVAL_TASK
@@ -44,9 +45,11 @@ class TextToImageRetrievalPipeline(Pipeline):
     given: the collection moved, or the checkpoint came from the Hub), or None when no such file exists here.
     A list of queries returns one list per query; `batch_size=` batches them (texts and images in separate calls).
 
-    `rerank_with=` a dual-encoder checkpoint (e.g. the `dual_encoder` folder a `--dense_first` run leaves) re-orders
-    a generative model's top-k for text queries by the fused score of `rerank_weight` (see `dense_reranking.py`);
-    the score is then that fused log-probability.
+    Re-ranking (text queries of a generative model): when the checkpoint carries its dual encoder (the
+    `dual_encoder/` folder a default run trains first, locally or in the Hub repo), the top-k is re-ordered by the
+    fused score of `rerank_weight` (see `dense_reranking.py`) and the score is that fused log-probability.
+    `rerank=False` (at load or per call) keeps the beam's order; `rerank_with=` names another dual-encoder
+    checkpoint; `rerank=True` fails when there is none.
     """
 
     _load_processor = True
@@ -54,8 +57,8 @@ class TextToImageRetrievalPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
 
-    def __init__(self, *args, image_dir: str | None = None, rerank_with: str | None = None,
-                 rerank_weight: float = 0.5, **kwargs):
+    def __init__(self, *args, image_dir: str | None = None, rerank: bool | None = None,
+                 rerank_with: str | None = None, rerank_weight: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None:
             raise ValueError(f"The {TASK} pipeline needs the checkpoint's processor (processor_config.json).")
@@ -67,18 +70,18 @@ class TextToImageRetrievalPipeline(Pipeline):
         self.tokenizer = self.tokenizer or self.processor.tokenizer
         self.image_processor = self.image_processor or self.processor.image_processor
         index.check_tokenizer(self.tokenizer)
-        dense = self.model.config.variant == "dual_encoder"
+        dense = self.model.config.is_dual_encoder
         if dense and index.embeddings is None:
             raise ValueError("A dual-encoder checkpoint needs its indexed images' embeddings "
                              "(image_embeddings.safetensors) to retrieve.")
         self.image_embeddings = index.embeddings.to(self.device) if dense else None  # the dense search index
         self.image_dir = image_dir
-        self.reranker = None
-        if rerank_with is not None:
-            if dense:
-                raise ValueError("rerank_with re-orders a generative model's top-k; a dual encoder ranks by itself.")
-            self.reranker = load_dense_reranker(rerank_with, rerank_weight).to(self.device)
-            self.reranker.embeddings_for(index)  # every indexed image needs a dense embedding
+        # the checkpoint's own dual_encoder/ from the same Hub commit as the model (pipeline() resolves revisions)
+        revision = getattr(self.model.config, "_commit_hash", None)
+        self.reranker = resolve_reranker(getattr(self.model, "name_or_path", None), self.model.config, rerank,
+                                         rerank_with, rerank_weight, **({"revision": revision} if revision else {}))
+        if self.reranker is not None:
+            self.reranker.to(self.device).embeddings_for(index)  # every indexed image needs a dense embedding
 
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, (list, tuple)):
@@ -92,15 +95,20 @@ class TextToImageRetrievalPipeline(Pipeline):
     def image_index(self):
         return self.model.image_index
 
-    def _sanitize_parameters(self, top_k=None, return_images=None, image_dir=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, return_images=None, image_dir=None, rerank=None, **kwargs):
         if kwargs:
-            raise TypeError(f"{TASK}: unexpected arguments {sorted(kwargs)} (top_k, return_images, image_dir, "
-                            "batch_size are understood).")
+            raise TypeError(f"{TASK}: unexpected arguments {sorted(kwargs)} (top_k, rerank, return_images, "
+                            "image_dir, batch_size are understood).")
         forward = {}
         if top_k is not None:
-            if not isinstance(top_k, int) or top_k < 1:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
             forward["top_k"] = top_k
+        if rerank is not None:
+            if rerank and self.reranker is None:
+                raise ValueError(f"rerank=True: no dual encoder to re-rank with (the checkpoint has no "
+                                 f"{RERANKER_SUBFOLDER}/ folder, or the pipeline was loaded with rerank=False).")
+            forward["rerank"] = bool(rerank)
         postprocess = {}
         if return_images is not None:
             postprocess["return_images"] = bool(return_images)
@@ -118,11 +126,11 @@ class TextToImageRetrievalPipeline(Pipeline):
             return {"pixel_values": self.processor(images=[query])["pixel_values"]}
         raise TypeError(f"{TASK}: a query is a string or an image (PIL or an HxWxC array), not {type(query).__name__}.")
 
-    def _forward(self, model_inputs, top_k: int = 5):
+    def _forward(self, model_inputs, top_k: int = 5, rerank: bool = True):
         texts = model_inputs.get("query")  # one string, or a list of them for a batch; None for images
         ranking = rank_queries(self.model, self.image_index, top_k, model_inputs.get("input_ids"),
                                model_inputs.get("attention_mask"), model_inputs.get("pixel_values"),
-                               image_embeddings=self.image_embeddings, reranker=self.reranker,
+                               image_embeddings=self.image_embeddings, reranker=self.reranker if rerank else None,
                                texts=[texts] if isinstance(texts, str) else texts)
         return {"positions": torch.from_numpy(ranking.positions), "scores": torch.from_numpy(ranking.scores)}
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 from importlib import resources
 
 from ..checkpoint.configuration_vit_t5_dsi import RETRIEVAL_TASK as TASK
+from ..checkpoint.loading import RERANKER_SUBFOLDER
 
 # The Hub's task for "text query -> ranked images" (its only text-to-image *retrieval* category; `text-to-image`
 # files a model under image generation). The custom task name goes in the tags and the card.
@@ -18,6 +21,11 @@ VARIANT_DESCRIPTIONS = {
     "dual_encoder": "the dense baseline: pooled ViT and T5-encoder embeddings trained contrastively, retrieval "
                     "by dot product over every indexed image.",
 }
+
+# the card's example query when the run names none (the trainer passes one of the collection's own captions)
+GENERIC_QUERY = "a caption describing the image you want"
+# the query sets whose first caption makes the card's example, in order of preference
+EXAMPLE_QUERY_SETS = ("eval", "seen")
 
 ROWS = (("held-out captions", "eval"), ("seen captions", "seen"), ("indexing (image -> id)", "index"),
         ("held-out captions, dense re-ranked", "eval_rerank"), ("seen captions, dense re-ranked", "seen_rerank"),
@@ -36,8 +44,37 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "_No evaluation was run._"
 
 
+def example_query(query_sets) -> str | None:
+    """The first held-out caption (else the first seen one) of the run's query sets ({"eval": dataset with a
+    `caption` column, ...}, as `DSITrainer.eval_sets` holds them): the card's example is the collection's own."""
+    for name in EXAMPLE_QUERY_SETS:
+        queries = (query_sets or {}).get(name)
+        if queries is not None and len(queries) and "caption" in queries.column_names:
+            caption = " ".join(str(queries[0]["caption"]).split())
+            if caption:
+                return caption
+    return None
+
+
+def hub_dataset_tag(dataset_name: str | None) -> str | None:
+    """`dataset_name` when it names a Hub dataset; None for a local folder or file (its path is not a dataset id
+    and would leak a path of the training machine into the card's metadata)."""
+    if not dataset_name or os.path.exists(dataset_name) or dataset_name.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(dataset_name)
+    except HFValidationError:
+        return None
+    return dataset_name
+
+
 def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or_path: str,
-                      data_description: str, training_description: str, dataset_name: str | None = None) -> str:
+                      data_description: str, training_description: str, dataset_name: str | None = None,
+                      example_query: str | None = None) -> str:
+    """The card's text. `example_query`: a caption of the collection for the usage snippets (see
+    `example_query()`); `dataset_name` becomes the `datasets:` tag only when it names a Hub dataset."""
     config, index = model.config, model.image_index
     vision = config.vision_config
     if vision.model_type == "timm_wrapper":
@@ -55,8 +92,17 @@ def render_model_card(model, metrics: dict[str, float], model_name: str, repo_or
         text_layers=config.text_config.num_layers, data_description=data_description,
         training_description=training_description, metrics_table=metrics_table(metrics),
         repo_or_path=repo_or_path, task=TASK, pipeline_tag=HUB_PIPELINE_TAG,
-        auto_class=config.auto_class,
-        dataset_tag=f"datasets:\n- {dataset_name}\n" if dataset_name else "")
+        auto_class=config.auto_class, example_query=json.dumps(example_query or GENERIC_QUERY, ensure_ascii=False),
+        rerank_note=RERANK_NOTE.format(subfolder=RERANKER_SUBFOLDER) if config.is_generative else "",
+        dataset_tag=f"datasets:\n- {tag}\n" if (tag := hub_dataset_tag(dataset_name)) else "")
 
 
-__all__ = ["render_model_card", "metrics_table", "HUB_PIPELINE_TAG"]
+RERANK_NOTE = """
+**Re-ranking.** When this repository carries its dual encoder (the `{subfolder}/` folder a default run trains
+first), the pipeline, `DSIRetriever` and the vit-t5-dsi CLI and app re-order the top-k of every text query with it
+(GENIUS-style fused score, `rerank_weight=0.5`), as the "dense re-ranked" results measure it. Pass
+`rerank=False` (`--no_rerank`) for the beam's own order, or `rerank_with=` another dual-encoder checkpoint.
+"""
+
+
+__all__ = ["render_model_card", "metrics_table", "example_query", "hub_dataset_tag", "HUB_PIPELINE_TAG"]

@@ -2,24 +2,30 @@
 """A Gradio web demo over a trained checkpoint: type a caption (or upload an image), see the top-k images.
 
     pip install -e ".[app]"
-    python app.py                                   # the built-in demo's checkpoint (dsi_demo_output)
-    python app.py --model CKPT_OR_HUB_ID --image_dir DIR_OF_THE_IMAGES --port 7860
+    vit-t5-dsi-app                                  # the built-in demo's checkpoint (dsi_demo_output)
+    vit-t5-dsi-app --model CKPT_OR_HUB_ID --image_dir DIR_OF_THE_IMAGES      # or: python -m vit_t5_dsi.search.app
 
-It runs the checkpoint's `text-to-image-retrieval` pipeline (the same one `transformers.pipeline` loads) and shows
-the model card's metrics beside the results. Images are served from the paths recorded with the index, or from
-`--image_dir` when the collection lives elsewhere (a checkpoint from the Hub, a moved folder).
+It runs the checkpoint's `text-to-image-retrieval` pipeline (the same one `transformers.pipeline` loads), re-ranked
+by the checkpoint's own dual encoder when it carries one (--no_rerank turns that off), and shows the model card's
+metrics beside the results. Images are served from the paths recorded with the index, from `--image_dir` when the
+collection lives elsewhere (a checkpoint from the Hub, a moved folder), or decoded from the parquet / Hub dataset
+the model was trained on (`--dataset_name`) when the index records no files. The address is Gradio's:
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, unless --host / --port say otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+import warnings
 
 from vit_t5_dsi import RETRIEVAL_TASK, ViTT5DSIProcessor, load_dsi_model
-from vit_t5_dsi.training.dense_stage import DENSE_FIRST_DIR
 from vit_t5_dsi.checkpoint.image_index_files import checkpoint_file
+from vit_t5_dsi.checkpoint.loading import RERANKER_SUBFOLDER
+from vit_t5_dsi.search.collection_images import images_for
 
 DEFAULT_MODEL = "dsi_demo_output"
 EXAMPLE_QUERY = "a large red circle in the top left"
@@ -27,24 +33,16 @@ CAPTION_SEPARATOR = " · "  # gallery captions: "image_key · score"
 
 
 def load_search_pipeline(name_or_path: str, device: str | None = None, image_dir: str | None = None,
-                         rerank_with: str | None = None, rerank_weight: float = 0.5):
+                         rerank: bool | None = None, rerank_with: str | None = None, rerank_weight: float = 0.5):
     """The checkpoint's `text-to-image-retrieval` pipeline, built from this package's classes (no remote code).
-    `rerank_with="auto"`: the checkpoint's `--dense_first` dual encoder, when it has one. `device` None: the
-    pipeline's own choice (the first GPU, else the CPU)."""
+    It re-ranks with the checkpoint's `dual_encoder/` (local or Hub) unless `rerank=False`, as every surface does.
+    `device` None: the pipeline's own choice (the first GPU, else the CPU)."""
     from transformers import pipeline
 
     model = load_dsi_model(name_or_path)
-    if rerank_with == "auto":
-        rerank_with = default_reranker(name_or_path, model.config.variant)
     processor = ViTT5DSIProcessor.from_pretrained(name_or_path)
-    return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir, rerank_with=rerank_with,
-                    rerank_weight=rerank_weight, device=device)
-
-
-def default_reranker(name_or_path: str, variant: str) -> str | None:
-    """The dual encoder a --dense_first run leaves in its output directory, when there is one here."""
-    folder = os.path.join(name_or_path, DENSE_FIRST_DIR)
-    return folder if variant != "dual_encoder" and os.path.isfile(os.path.join(folder, "config.json")) else None
+    return pipeline(RETRIEVAL_TASK, model=model, processor=processor, image_dir=image_dir, rerank=rerank,
+                    rerank_with=rerank_with, rerank_weight=rerank_weight, device=device)
 
 
 def card_metrics(name_or_path: str) -> str:
@@ -67,19 +65,30 @@ def card_metrics(name_or_path: str) -> str:
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:
-    """Words the caption tokenizer has no single token for: the model never read them as words."""
-    vocabulary = tokenizer.get_vocab()
-    words = [word for word in text.lower().split() if word.isalpha()]
-    return [word for word in words if word not in vocabulary]
+    """Words the model cannot have read: the tokenizer maps part of them to its unknown token, or has no piece
+    longer than one letter for them (none of its learned merges applies). A word stored as `▁word`, or split into
+    learned pieces (`triangle ##s`), is known."""
+    words = list(dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())))
+    if not words:
+        return []
+    unknown = []
+    for word, ids in zip(words, tokenizer(words, add_special_tokens=False)["input_ids"]):
+        pieces = [piece.removeprefix("##").removeprefix("\u2581") for piece in tokenizer.convert_ids_to_tokens(ids)]
+        if (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids) or (
+                len(word) > 1 and all(len(piece) <= 1 for piece in pieces)):
+            unknown.append(word)
+    return unknown
 
 
 class SearchPage:
     """What the page does with a query: results for the gallery and a message (never a stack trace)."""
 
-    def __init__(self, search, image_dir: str | None = None):
+    def __init__(self, search, image_dir: str | None = None, collection_images=None, images_note: str = ""):
         self.search, self.image_dir = search, image_dir
         self.num_images = len(search.image_index)
         self.has_files = search.image_index.image_files is not None
+        # a collection held as bytes (parquet / Hub dataset): hits are decoded from it; else why there are no images
+        self.collection_images, self.images_note = collection_images, images_note
 
     def __call__(self, text: str | None, image, top_k: float):
         started = time.perf_counter()
@@ -102,15 +111,22 @@ class SearchPage:
             hits = self.search(query, top_k=top_k)
         except (ValueError, TypeError) as err:
             return [], f"Could not search: {err}"
-        gallery = [(hit["path"], f"{hit['image_key']}{CAPTION_SEPARATOR}{hit['score']:.3f}")
-                   for hit in hits if hit["path"]]
-        missing = [hit for hit in hits if not hit["path"]]
+        gallery, missing = [], []
+        for hit in hits:
+            shown = hit["path"] or (self.collection_images.image(hit["image_key"]) if self.collection_images else None)
+            if shown is None:
+                missing.append(hit)
+            else:
+                gallery.append((shown, f"{hit['image_key']}{CAPTION_SEPARATOR}{hit['score']:.3f}"))
         if missing:
             where = (f"--image_dir {self.image_dir}" if self.image_dir else
+                     f"--dataset_name {self.collection_images.source}" if self.collection_images else
                      "the paths recorded with the index" if self.has_files else "this checkpoint (it records none)")
             listing = ", ".join(f"`{hit['image_key']}` ({hit['score']:.3f})" for hit in missing)
+            hint = self.images_note or ("" if self.collection_images else "Start the app with `--image_dir` set to "
+                                        "the folder holding the collection's images.")
             notes.append(f"{len(missing)} of the {len(hits)} results have no image file in {where}: {listing}. "
-                         "Start the app with `--image_dir` set to the folder holding the collection's images.")
+                         + hint)
         kind = "text" if isinstance(query, str) else "image"
         how = ", re-ranked by the dual encoder" if kind == "text" and self.search.reranker is not None else ""
         summary = (f"Top {len(hits)} of {self.num_images} indexed images for the {kind} query{how} "
@@ -118,10 +134,11 @@ class SearchPage:
         return gallery, "\n\n".join([summary, *notes])
 
 
-def build_app(search, metrics_markdown: str, model_name: str, image_dir: str | None = None):
+def build_app(search, metrics_markdown: str, model_name: str, image_dir: str | None = None, collection_images=None,
+              images_note: str = ""):
     import gradio as gr
 
-    page = SearchPage(search, image_dir)
+    page = SearchPage(search, image_dir, collection_images, images_note)
     default_k = min(5, page.num_images)
     with gr.Blocks(title=f"vit-t5-dsi: {model_name}") as app:
         gr.Markdown(f"# Text-to-image retrieval with `{model_name}`\n"
@@ -155,40 +172,69 @@ def allowed_roots(search, image_dir: str | None) -> list[str]:
     return [os.path.abspath(root) for root in roots]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"Checkpoint directory or Hub id written by run_dsi_image.py (default: {DEFAULT_MODEL}, "
                              "the built-in demo's output).")
     parser.add_argument("--image_dir", default=None,
                         help="Folder holding the collection's images, when they are not where they were indexed.")
-    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 for every interface).")
-    parser.add_argument("--port", type=int, default=7860, help="Port to serve on.")
-    parser.add_argument("--rerank_with", default="auto",
-                        help="A dual-encoder checkpoint that re-orders the top-k of text queries; 'auto' (default) "
-                             f"uses MODEL/{DENSE_FIRST_DIR} when a --dense_first run left one, 'none' turns it off.")
+    parser.add_argument("--dataset_name", default=None,
+                        help="The parquet folder or Hub dataset the model was trained on (run_dsi_image.py "
+                             "--dataset_name), to show images the index holds as bytes. Default: the run's "
+                             "recorded source (protocol.json) when it is a local folder.")
+    parser.add_argument("--host", default=None,
+                        help="Address to serve on (0.0.0.0 for every interface). Default: GRADIO_SERVER_NAME, else "
+                             "127.0.0.1.")
+    parser.add_argument("--port", type=int, default=None,
+                        help="Port to serve on. Default: GRADIO_SERVER_PORT, else the first free port from 7860.")
+    parser.add_argument("--no_rerank", action="store_true",
+                        help=f"Keep the beam's order: do not re-rank with the checkpoint's {RERANKER_SUBFOLDER}/.")
+    parser.add_argument("--rerank_with", default=None,
+                        help=f"Re-rank text queries with this dual-encoder checkpoint instead of MODEL/"
+                             f"{RERANKER_SUBFOLDER} (the default when the checkpoint carries one).")
     parser.add_argument("--rerank_weight", type=float, default=0.5,
                         help="Weight of the dense score against the generative one, in [0, 1].")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     parser.add_argument("--share", action="store_true", help="Also open a public Gradio share link.")
     args = parser.parse_args(argv)
+    if args.rerank_with is not None and args.rerank_with.lower() in ("auto", "none"):  # the earlier spellings
+        if args.rerank_with.lower() == "none":
+            warnings.warn("--rerank_with none is deprecated: use --no_rerank.", FutureWarning, stacklevel=2)
+            args.no_rerank = True
+        args.rerank_with = None
+    if args.no_rerank and args.rerank_with:
+        parser.error("--no_rerank and --rerank_with contradict each other.")
     if args.image_dir and not os.path.isdir(args.image_dir):
         parser.error(f"--image_dir {args.image_dir}: no such directory.")
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         parser.error(f"--model: no {DEFAULT_MODEL}/ here; train the demo first (accelerate launch run_dsi_image.py) "
                      "or pass --model CKPT.")
+    args.parser = parser
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parser = args.parser
     started = time.perf_counter()
-    rerank_with = None if args.rerank_with.lower() == "none" else args.rerank_with
     try:
-        search = load_search_pipeline(args.model, args.device, args.image_dir, rerank_with, args.rerank_weight)
+        search = load_search_pipeline(args.model, args.device, args.image_dir, False if args.no_rerank else None,
+                                      args.rerank_with, args.rerank_weight)
     except (OSError, ValueError) as err:
         parser.error(f"--model {args.model}: {err}")
+    try:
+        collection_images, images_note = images_for(args.model, search.image_index, args.dataset_name)
+    except (OSError, ValueError) as err:
+        parser.error(f"--dataset_name {args.dataset_name}: {err}")
     reranked = ", re-ranked by a dual encoder" if search.reranker is not None else ""
     print(f"Loaded {args.model} ({len(search.image_index)} images, {search.model.config.variant}{reranked}) in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     loaded = time.perf_counter()
-    app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir)
+    app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir,
+                    collection_images, images_note)
     app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
+    # host/port None: Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as hosting platforms expect
     app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(
         search, args.image_dir), show_error=True, quiet=False, prevent_thread_lock=True)
     print(f"Serving {time.perf_counter() - loaded:.1f} s after the model loaded.", flush=True)

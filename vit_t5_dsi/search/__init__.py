@@ -1,0 +1,1 @@
+"""Search surfaces built on the checkpoint's pipeline: the Gradio app and the collection images it shows."""
