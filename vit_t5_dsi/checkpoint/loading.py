@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .checkpoint_files import DUAL_ENCODER_SUBFOLDER
 from .configuration_vit_t5_dsi import DUAL_ENCODER, ViTT5DSIConfig
 from .dense_reranking import DenseReranker
 from .image_index_files import HUB_KWARGS, checkpoint_file
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # the folder of a generative checkpoint that holds its own dual encoder (a default run trains it first): every
 # search surface re-ranks with it by default
-RERANKER_SUBFOLDER = "dual_encoder"
+RERANKER_SUBFOLDER = DUAL_ENCODER_SUBFOLDER  # the dense stage's dual encoder, inside a generative checkpoint
 
 
 def model_class_for_variant(variant: str) -> type[ViTT5DSIPreTrainedModel]:

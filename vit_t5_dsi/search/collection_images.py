@@ -13,12 +13,12 @@ import os
 
 from PIL import Image
 
+from ..checkpoint.checkpoint_files import PROTOCOL_FILE  # run_dsi_image.py writes it; its "source" names the collection
 from ..checkpoint.image_index_files import checkpoint_file
 from ..checkpoint.image_processing import load_rgb
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_FILE = "protocol.json"  # written by run_dsi_image.py beside the checkpoint; "source" names the collection
 
 
 class CollectionImages:

@@ -25,7 +25,7 @@ from ..data.rows import DSICollator, ImageSource
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
-from .model_card import render_model_card
+from .model_card import example_query, render_model_card
 from .pseudo_queries import REFRESH_STATE_FILE, epoch_index, generate_captions
 from ..checkpoint.ranking import rank_queries
 
@@ -343,7 +343,7 @@ class DSITrainer(Seq2SeqTrainer):
         where = getattr(self, "hub_model_id", None) or args.hub_model_id or args.output_dir
         text = render_model_card(model, metrics, name, where,
                                  dataset or f"a collection of {len(model.image_index)} images", training,
-                                 tags[0] if tags else None)
+                                 tags[0] if tags else None, example_query=example_query(self.eval_sets))
         atomic_write_text(os.path.join(args.output_dir, "README.md"), text)
 
 
