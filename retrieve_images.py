@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 
-from vit_t5_dsi.retriever import DSIRetriever
+from vit_t5_dsi.search.retriever import DSIRetriever
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ from .checkpoint.image_index import ImageIndex
 from .checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
 from .checkpoint.pipeline_text_to_image_retrieval import TASK as RETRIEVAL_TASK, TextToImageRetrievalPipeline
 from .identifiers.build import build_image_index
-from .retriever import DSIRetriever
+from .search.retriever import DSIRetriever
 from .checkpoint.loading import load_dense_reranker, load_dsi_model, model_class_for_variant
 from .checkpoint.modeling_vit_t5_dsi import (
     ViTT5DSIDualEncoderModel,

@@ -11,13 +11,13 @@ import warnings
 import numpy as np
 import torch
 
-from .checkpoint.dense_reranking import DenseReranker
-from .checkpoint.image_index_files import EMBEDDINGS_FILE_NAME
-from .checkpoint.loading import RERANKER_SUBFOLDER, load_dsi_model, resolve_reranker
-from .checkpoint.modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel
-from .checkpoint.pipeline_text_to_image_retrieval import _is_image
-from .checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
-from .checkpoint.ranking import rank_queries
+from ..checkpoint.dense_reranking import DenseReranker
+from ..checkpoint.image_index_files import EMBEDDINGS_FILE_NAME
+from ..checkpoint.loading import RERANKER_SUBFOLDER, load_dsi_model, resolve_reranker
+from ..checkpoint.modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel
+from ..checkpoint.pipeline_text_to_image_retrieval import _is_image
+from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
+from ..checkpoint.ranking import rank_queries
 
 
 class DSIRetriever:
