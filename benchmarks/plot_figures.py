@@ -218,7 +218,8 @@ def main() -> None:
         print(f"{os.path.relpath(target)}  <- {data['command'][:100]}")
     if not os.path.exists(os.path.join(FIGURES, "hits_vs_steps.json")):
         print("hits_vs_steps.png: no data yet; make it with\n"
-              "  accelerate launch run_dsi_image.py --eval_strategy steps --eval_steps 100 --output_dir dsi_demo_curve\n"
+              "  accelerate launch run_dsi_image.py --eval_strategy steps --eval_steps 100 "
+              "--output_dir dsi_demo_curve\n"
               "  python benchmarks/plot_figures.py --from_trainer_state dsi_demo_curve/trainer_state.json "
               "--name hits_vs_steps")
 
