@@ -264,11 +264,11 @@ def test_retrieve_images_cli_reranks(recipe_run, capsys):
 
     source, _ = recipe_run
     out = source / "out"
-    assert retrieve_images.main(["--model", str(out), "--k", "3", "--device", "cpu", "--json", "--rerank_with",
+    assert retrieve_images.main(["--model", str(out), "--top_k", "3", "--device", "cpu", "--json", "--rerank_with",
                                  str(out / "dual_encoder"), "a red circle"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     keys = set(json.loads((out / "image_index.json").read_text())["keys"])
     assert result["query"] == "a red circle" and 1 <= len(result["results"]) <= 3
-    assert {hit["image"] for hit in result["results"]} <= keys
+    assert {hit["image_key"] for hit in result["results"]} <= keys
     with pytest.raises(SystemExit):  # a generative checkpoint cannot re-rank
         retrieve_images.main(["--model", str(out), "--device", "cpu", "--rerank_with", str(out), "a red circle"])

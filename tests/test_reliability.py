@@ -264,8 +264,8 @@ def test_a_model_save_that_hits_a_full_disk_names_the_folder_and_keeps_the_previ
         def failing(path, write):
             return no_space() if str(path).endswith("image_index.json") else real(path, write)
 
-        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index.atomic_write", failing, raising=False)
-        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index.atomic_write_text", lambda path, text: failing(path, None))
+        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index_files.atomic_write", failing, raising=False)
+        monkeypatch.setattr("vit_t5_dsi.checkpoint.image_index_files.atomic_write_text", lambda path, text: failing(path, None))
     else:  # what safetensors' Rust writer raises: not an OSError, the errno only in its text
         def rust_error(tensors, path, **kw):
             raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "

@@ -60,13 +60,13 @@ def test_each_variant_trains_evaluates_and_writes_the_same_keys(tmp_path, varian
 
 def test_demo_checkpoint_retrieves_in_a_fresh_process(tmp_path):
     run_dsi_image.main(tiny_args(tmp_path, "--docid_scheme", "atomic"))
-    out = run_script_cli(["--model", str(tmp_path / "out"), "--k", "3", "--json", "a large red circle",
+    out = run_script_cli(["--model", str(tmp_path / "out"), "--top_k", "3", "--json", "a large red circle",
                           "a small blue square in the center"])
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     keys = json.loads((tmp_path / "out" / "image_index.json").read_text())["keys"]
     assert len(lines) == 2
     for line in lines:
-        images = [r["image"] for r in line["results"]]
+        images = [r["image_key"] for r in line["results"]]
         assert 1 <= len(images) <= 3 and len(set(images)) == len(images) and set(images) <= set(keys)
 
 
