@@ -130,7 +130,8 @@ class TextToImageRetrievalPipeline(Pipeline):
         texts = model_inputs.get("query")  # one string, or a list of them for a batch; None for images
         ranking = rank_queries(self.model, self.image_index, top_k, model_inputs.get("input_ids"),
                                model_inputs.get("attention_mask"), model_inputs.get("pixel_values"),
-                               image_embeddings=self.image_embeddings, reranker=self.reranker if rerank else None,
+                               image_embeddings=self.image_embeddings, approximate=True,
+                               reranker=self.reranker if rerank else None,
                                texts=[texts] if isinstance(texts, str) else texts)
         return {"positions": torch.from_numpy(ranking.positions), "scores": torch.from_numpy(ranking.scores)}
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from .dense_search import search_embeddings
 from .image_index import ImageIndex
 
 
@@ -62,25 +63,26 @@ def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None,
     return distinct_topk(candidates, scores, k)
 
 
-@torch.no_grad()
-def rank_by_similarity(text_embeds: torch.Tensor, image_embeds: torch.Tensor, k: int = 10) -> Ranking:
-    """Dual-encoder retrieval: top-k images by dot product over every indexed image."""
-    similarity = text_embeds.float() @ image_embeds.float().T
-    scores, positions = similarity.topk(min(k, similarity.shape[1]), dim=1)
-    return distinct_topk(positions.cpu().numpy(), scores.cpu().numpy(), k)
+def rank_by_similarity(text_embeds: torch.Tensor, image_embeds: torch.Tensor, k: int = 10,
+                       approximate: bool = False) -> Ranking:
+    """Dual-encoder retrieval: top-k images by inner product over the indexed images (see `dense_search.py`:
+    faiss when installed; `approximate` lets a very large collection use an IVF index)."""
+    scores, positions = search_embeddings(text_embeds, image_embeds, k, approximate)
+    return distinct_topk(positions, scores, k)
 
 
 @torch.no_grad()
 def rank_queries(model, index: ImageIndex, k: int, input_ids=None, attention_mask=None, pixel_values=None,
-                 image_embeddings: torch.Tensor | None = None, reranker=None, texts: list[str] | None = None
-                 ) -> Ranking:
+                 image_embeddings: torch.Tensor | None = None, reranker=None, texts: list[str] | None = None,
+                 approximate: bool = False) -> Ranking:
     """One batch of text (`input_ids`) or image (`pixel_values`) queries, ranked the way the model retrieves: dot
     products with `image_embeddings` (a dual encoder), else constrained beam search, whose top-k a `reranker`
-    (a `DenseReranker`) re-orders for text queries (`texts`)."""
+    (a `DenseReranker`) re-orders for text queries (`texts`). `approximate`: search surfaces may use an
+    approximate dense index for very large collections; evaluation never does."""
     if image_embeddings is not None:
         queries = (model.encode_images(pixel_values) if pixel_values is not None
                    else model.encode_texts(input_ids, attention_mask))
-        return rank_by_similarity(queries, image_embeddings, k)
+        return rank_by_similarity(queries, image_embeddings, k, approximate)
     ranking = rank_by_generation(model, index, k, pixel_values=pixel_values, input_ids=input_ids,
                                  attention_mask=attention_mask)
     if reranker is not None and pixel_values is None:

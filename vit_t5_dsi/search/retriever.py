@@ -96,12 +96,12 @@ class DSIRetriever:
                 if is_text:
                     batch = self.processor(text=[queries[i] for i in chunk]).to(self.model.device)
                     ranking = rank_queries(self.model, index, top_k, batch["input_ids"], batch["attention_mask"],
-                                           image_embeddings=self.image_embeddings, reranker=reranker,
+                                           image_embeddings=self.image_embeddings, reranker=reranker, approximate=True,
                                            texts=[queries[i] for i in chunk])
                 else:
                     pixels = self.processor(images=[queries[i] for i in chunk])["pixel_values"].to(self.model.device)
                     ranking = rank_queries(self.model, index, top_k, pixel_values=pixels,
-                                           image_embeddings=self.image_embeddings)
+                                           image_embeddings=self.image_embeddings, approximate=True)
                 for i, row, scores in zip(chunk, ranking.positions, ranking.scores):
                     results[i] = [{"image_key": index.keys[p], "score": float(s),
                                    "path": index.image_path(p, image_dir or self.image_dir)}
