@@ -80,11 +80,12 @@ def add_images(checkpoint: str, images, *, output_dir: str | None = None, overwr
                update_steps: int = 0, replay_captions=None, image_dir: str | None = None,
                dual_encoder: str | None = None, learning_rate: float = 1e-3, replay_ratio: float = 1.0,
                batch_size: int = 64, seed: int = 42, evaluate: bool = True,
-               device: str | torch.device | None = None) -> dict:
+               device: str | torch.device | None = None, **update_options) -> dict:
     """Add `images` (see `load_new_images`: paths, a folder, a Karpathy/JSONL/parquet collection, or PIL images with
     keys) to the checkpoint in `checkpoint` and write the result to `output_dir` (in place only with
     `overwrite_output_dir=True`), atomically. `update_steps` > 0 runs the short update; `replay_captions` (the
-    old collection's training captions, {key: [captions]} or a JSONL file) are replayed in it. Returns what the
+    old collection's training captions, {key: [captions]} or a JSONL file) are replayed in it; `update_options`
+    reach `short_update` (num_pseudo_queries, pseudo_query_filter_top_k, lr_scheduler_type). Returns what the
     checkpoint's update log records. A key already indexed is an error naming it."""
     start = time.perf_counter()
     target = check_output_dir(checkpoint, output_dir, overwrite_output_dir)
@@ -130,7 +131,7 @@ def add_images(checkpoint: str, images, *, output_dir: str | None = None, overwr
         if ck.is_dual_encoder:
             raise UsageError("update_steps: the dual encoder needs no update; its new images are embedded.")
         record.update(short_update(ck, new.keys, images_source, update_steps, replay, learning_rate, batch_size,
-                                   replay_ratio, seed))
+                                   replay_ratio, seed, **update_options))
     record["seconds"] = round(time.perf_counter() - start, 1)  # adding, short update included; not the checks below
     if evaluate and not ck.is_dual_encoder:
         old = [k for k in images_source.position if k not in set(new.keys)]

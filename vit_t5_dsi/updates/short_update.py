@@ -38,17 +38,18 @@ def _rows(keys, captions, kinds, slots, evaluate=False) -> datasets.Dataset:
                                        "slot": list(slots)})
 
 
-def write_pseudo_queries(checkpoint, keys: list[str], images: ImageSource, seed: int, batch_size: int = 32
+def write_pseudo_queries(checkpoint, keys: list[str], images: ImageSource, seed: int, batch_size: int = 32,
+                         num_queries: int = PSEUDO_QUERIES_PER_IMAGE, filter_top_k: int = FILTER_TOP_K
                          ) -> PseudoQueries:
     """The model's own captions of the new images (sampled as in training, seeded), round-trip filtered."""
     model = checkpoint.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        queries = generate_pseudo_queries(model, keys, images, checkpoint.processor, PSEUDO_QUERIES_PER_IMAGE,
+        queries = generate_pseudo_queries(model, keys, images, checkpoint.processor, num_queries,
                                           batch_size, model.device, distributed=False)
-    if checkpoint.dual_encoder is not None:
+    if checkpoint.dual_encoder is not None and filter_top_k:
         reranker = DenseReranker(checkpoint.dual_encoder, checkpoint.dual_processor)
-        queries = RoundTripFilter(reranker, model.image_index, FILTER_TOP_K)(queries)
+        queries = RoundTripFilter(reranker, model.image_index, filter_top_k)(queries)
     return PseudoQueries(queries, source="the model's own caption decoder, when the images were added")
 
 
@@ -72,13 +73,15 @@ def update_rows(checkpoint, new_keys: list[str], old_keys_with_files: list[str],
 
 def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: int, replay: dict[str, list[str]],
                  learning_rate: float = 1e-3, batch_size: int = 64, replay_ratio: float = 1.0, seed: int = 42,
-                 image_cache_mb: float = 1024) -> dict:
+                 image_cache_mb: float = 1024, num_pseudo_queries: int = PSEUDO_QUERIES_PER_IMAGE,
+                 pseudo_query_filter_top_k: int = FILTER_TOP_K, lr_scheduler_type: str = "linear") -> dict:
     """Write pseudo-queries for `new_keys` and train `steps` steps on new and replayed rows. Returns what the
     update log records (rows, pseudo-queries, seconds)."""
     start = time.perf_counter()
     model, index = checkpoint.model, checkpoint.model.image_index
     captions = getattr(model.config, "caption_token_id", None) is not None
-    written = write_pseudo_queries(checkpoint, new_keys, images, seed) if captions else PseudoQueries()
+    written = (write_pseudo_queries(checkpoint, new_keys, images, seed, num_queries=num_pseudo_queries,
+                                    filter_top_k=pseudo_query_filter_top_k) if captions else PseudoQueries())
     if not captions:
         logger.warning("This checkpoint does not caption: the new images are learnt from their pixels only.")
     store = PseudoQueries({**(checkpoint.pseudo_queries.queries if checkpoint.pseudo_queries is not None else {}),
@@ -89,7 +92,7 @@ def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: in
     rows = update_rows(checkpoint, new_keys, old_with_files, replay, replay_ratio, seed)
     with tempfile.TemporaryDirectory(prefix="vit_t5_dsi_update_") as scratch:
         args = DSITrainingArguments(output_dir=scratch, max_steps=steps, num_train_epochs=1, learning_rate=learning_rate,
-                                    lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, steps // 5),
+                                    lr_scheduler_type=lr_scheduler_type, warmup_steps=min(10, steps // 5),
                                     per_device_train_batch_size=batch_size, save_strategy="no", report_to="none",
                                     logging_steps=max(1, steps // 5), disable_tqdm=True, seed=seed, do_eval=False,
                                     eval_strategy="no", dataloader_pin_memory=False, dataloader_num_workers=0)
@@ -102,7 +105,8 @@ def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: in
     return {"update_steps": steps, "update_rows": len(rows), "new_rows": int(np.isin(rows["image_key"], new_keys).sum()),
             "replayed_caption_rows": int((kinds == RETRIEVAL).sum()), "pseudo_queries_written":
             sum(len(v) for v in written.queries.values()), "pseudo_query_seconds": round(pseudo_seconds, 1),
-            "update_seconds": round(time.perf_counter() - start, 1), "learning_rate": learning_rate}
+            "update_seconds": round(time.perf_counter() - start, 1), "learning_rate": learning_rate,
+            "replay_ratio": replay_ratio, "pseudo_query_filter_top_k": pseudo_query_filter_top_k}
 
 
 def index_hits(checkpoint, keys: list[str], images: ImageSource, prefix: str) -> dict[str, float]:
