@@ -132,9 +132,8 @@ def hits(checkpoint: str, queries: list[tuple[str, str]], rerank: bool) -> dict[
     from vit_t5_dsi import DSIRetriever
 
     torch.set_num_threads(1)
-    retriever = DSIRetriever.from_pretrained(checkpoint, device="cpu", rerank_with=os.path.join(
-        checkpoint, "dual_encoder") if rerank else None)
-    ranked = retriever.retrieve([text for text, _ in queries], k=10)
+    retriever = DSIRetriever.from_pretrained(checkpoint, device="cpu", rerank=rerank)
+    ranked = retriever.retrieve([text for text, _ in queries], top_k=10)
     ranks = [next((r for r, (key, _) in enumerate(result) if key == gold), None)
              for result, (_, gold) in zip(ranked, queries)]
     return {"hits@1": float(np.mean([r == 0 for r in ranks])),

@@ -48,7 +48,7 @@ def new_pictures(images, count, tag):
 
 def queries(retriever, k):
     texts = ["a red circle", "a blue square in the top left", "a small green triangle", "a yellow star"]
-    return {key for result in retriever.retrieve(texts, k=k) for key, _ in result}
+    return {key for result in retriever.retrieve(texts, top_k=k) for key, _ in result}
 
 
 def test_frozen_codebooks_reproduce_the_build_codes_and_travel_with_the_checkpoint(trained):
@@ -74,8 +74,8 @@ def test_added_images_are_indexed_searchable_and_the_checkpoint_loads_everywhere
     dual = load_dsi_model(os.path.join(out, "dual_encoder")).image_index
     assert set(dual.keys) == set(index.keys) and len(dual.embeddings) == len(index)
     # searchable: the new ids are in the trie (k = every image returns them), re-ranking has their embeddings
-    retriever = DSIRetriever.from_pretrained(out, device="cpu", rerank_with=os.path.join(out, "dual_encoder"))
-    assert {"new_0", "new_copy"} <= {key for key, _ in retriever.retrieve(["a red circle"], k=len(index))[0]}
+    retriever = DSIRetriever.from_pretrained(out, device="cpu", rerank=True)
+    assert {"new_0", "new_copy"} <= {key for key, _ in retriever.retrieve(["a red circle"], top_k=len(index))[0]}
     from transformers import pipeline
 
     found = pipeline("text-to-image-retrieval", model=out, trust_remote_code=True, device="cpu")("a red circle",
@@ -121,9 +121,8 @@ def test_a_removed_image_never_appears_in_any_result_and_the_index_shrinks(check
     assert os.path.getsize(os.path.join(checkpoint, "image_index.json")) < size
     assert not set(gone) & set(model.image_index.keys)
     every = len(model.image_index)
-    generative = DSIRetriever.from_pretrained(checkpoint, device="cpu")
-    reranked = DSIRetriever.from_pretrained(checkpoint, device="cpu",
-                                            rerank_with=os.path.join(checkpoint, "dual_encoder"))
+    generative = DSIRetriever.from_pretrained(checkpoint, device="cpu", rerank=False)
+    reranked = DSIRetriever.from_pretrained(checkpoint, device="cpu", rerank=True)
     dense = DSIRetriever.from_pretrained(os.path.join(checkpoint, "dual_encoder"), device="cpu")
     for retriever in (generative, reranked, dense):
         assert not queries(retriever, every) & set(gone)
