@@ -50,8 +50,8 @@ class UpdateArguments:
         "help": "JSONL of {image_id, caption}: the old collection's training captions, replayed by the short "
                 "update so that old images are not forgotten (the checkpoint's stored pseudo-queries and its "
                 "images' indexing rows are replayed too)."})
-    replay_ratio: float = field(default=1.0, metadata={"help": "Replayed old rows per new row in the short update."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Short update: learning rate (constant)."})
+    replay_ratio: float = field(default=2.0, metadata={"help": "Replayed old rows per new row in the short update."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Short update: peak learning rate (linear warm-up and decay)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Short update and embedding batch."})
     dual_encoder: str | None = field(default=None, metadata={
         "help": "The dual encoder that embeds new images (default: the checkpoint's dual_encoder/ folder)."})

@@ -78,7 +78,7 @@ def update_images(index, new: NewImages) -> ImageSource:
 
 def add_images(checkpoint: str, images, *, output_dir: str | None = None, overwrite_output_dir: bool = False,
                update_steps: int = 0, replay_captions=None, image_dir: str | None = None,
-               dual_encoder: str | None = None, learning_rate: float = 1e-3, replay_ratio: float = 1.0,
+               dual_encoder: str | None = None, learning_rate: float = 5e-4, replay_ratio: float = 2.0,
                batch_size: int = 64, seed: int = 42, evaluate: bool = True,
                device: str | torch.device | None = None, **update_options) -> dict:
     """Add `images` (see `load_new_images`: paths, a folder, a Karpathy/JSONL/parquet collection, or PIL images with

@@ -72,7 +72,7 @@ def update_rows(checkpoint, new_keys: list[str], old_keys_with_files: list[str],
 
 
 def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: int, replay: dict[str, list[str]],
-                 learning_rate: float = 1e-3, batch_size: int = 64, replay_ratio: float = 1.0, seed: int = 42,
+                 learning_rate: float = 5e-4, batch_size: int = 64, replay_ratio: float = 2.0, seed: int = 42,
                  image_cache_mb: float = 1024, num_pseudo_queries: int = PSEUDO_QUERIES_PER_IMAGE,
                  pseudo_query_filter_top_k: int = FILTER_TOP_K, lr_scheduler_type: str = "linear") -> dict:
     """Write pseudo-queries for `new_keys` and train `steps` steps on new and replayed rows. Returns what the
