@@ -139,7 +139,10 @@ def hits(checkpoint: str, queries: list[tuple[str, str]], rerank: bool, new_keys
              for result, (_, gold) in zip(ranked, queries)]
     return {"hits@1": float(np.mean([r == 0 for r in ranks])),
             "hits@10": float(np.mean([r is not None for r in ranks])), "queries": len(queries),
-            "top1_new": float(np.mean([bool(result) and result[0][0] in new_keys for result in ranked]))}
+            "top1_new": float(np.mean([bool(result) and result[0][0] in new_keys for result in ranked])),
+            # the first *old* image answered: did the model keep what it knew, new images set aside
+            "hits@1_among_old": float(np.mean([next((key for key, _ in result if key not in new_keys), None) == gold
+                                               for result, (_, gold) in zip(ranked, queries)]))}
 
 
 def report(work: str) -> str:
@@ -193,6 +196,11 @@ def report(work: str) -> str:
         f"{rows['added_short_update'][('old held-out', False)]['top1_new']:.3f}, seen "
         f"{rows['added_short_update'][('old seen', False)]['top1_new']:.3f} (full retraining: "
         f"{rows['full'][('old held-out', False)]['top1_new']:.3f}, {rows['full'][('old seen', False)]['top1_new']:.3f})",
+        "old queries' Hits@1 among old images only (new images set aside), before -> after short update: held-out "
+        f"{before[('old held-out', False)]['hits@1_among_old']:.3f} -> "
+        f"{rows['added_short_update'][('old held-out', False)]['hits@1_among_old']:.3f}, seen "
+        f"{before[('old seen', False)]['hits@1_among_old']:.3f} -> "
+        f"{rows['added_short_update'][('old seen', False)]['hits@1_among_old']:.3f}",
         f"time to add, short update included / full retraining: {seconds['added_short_update'] / seconds['full']:.3f} "
         f"(target <= 0.10)"]
     text = "\n".join(lines + [""] + ratios)

@@ -211,3 +211,22 @@ def test_the_cli_adds_a_folder_and_removes_keys(checkpoint, trained, tmp_path, c
     assert not {"cli_0.png", "cli_copy.png"} & set(load_dsi_model(out).image_index.keys)
     with pytest.raises(UsageError, match="not empty"):
         update_index.main(["--model_name_or_path", checkpoint, "--add_images", str(folder), "--output_dir", out])
+
+
+def test_naive_and_atomic_ids_take_numbers_never_used_and_a_dual_encoder_just_embeds(checkpoint, trained, tmp_path,
+                                                                                    tokenizer):
+    keys = [f"k{i}" for i in range(12)]
+    for scheme in ("naive", "atomic"):
+        index = build_image_index(keys, tokenizer, scheme).without(["k11", "k3"])
+        strings, rows, _ = ids_for_new_images(index, tokenizer, 2)
+        assert strings == (["12", "13"] if scheme == "naive" else ["<img_12>", "<img_13>"])
+        grown = index.extended(["n0", "n1"], strings, rows)
+        assert len(grown) == 12 and grown.retired["id_strings"] == index.retired["id_strings"]
+    dense = os.path.join(checkpoint, "dual_encoder")
+    size = len(load_dsi_model(dense).image_index)
+    add_images(dense, new_pictures(trained[1], 2, "dense"), output_dir=str(tmp_path / "dense"))
+    model = load_dsi_model(str(tmp_path / "dense"))
+    assert len(model.image_index) == size + 2 and len(model.image_index.embeddings) == size + 2
+    found = DSIRetriever.from_pretrained(str(tmp_path / "dense"), device="cpu").retrieve(["a red circle"],
+                                                                                       top_k=size + 2)
+    assert {"dense_0", "dense_copy"} <= {key for key, _ in found[0]}
