@@ -54,9 +54,9 @@ def write_pseudo_queries(checkpoint, keys: list[str], images: ImageSource, seed:
 
 
 def update_rows(checkpoint, new_keys: list[str], old_keys_with_files: list[str], replay: dict[str, list[str]],
-                replay_ratio: float, seed: int) -> datasets.Dataset:
+                replay_ratio: float, seed: int, rows_per_image: int = PSEUDO_QUERIES_PER_IMAGE) -> datasets.Dataset:
     new = ([(k, "", INDEXING, 0) for k in new_keys]
-           + [(k, "", PSEUDO_QUERY, j) for k in new_keys for j in range(PSEUDO_QUERIES_PER_IMAGE)])
+           + [(k, "", PSEUDO_QUERY, j) for k in new_keys for j in range(rows_per_image)])
     new_set = set(new_keys)
     stored = checkpoint.pseudo_queries
     old = ([(k, "", INDEXING, 0) for k in old_keys_with_files]
@@ -74,7 +74,8 @@ def update_rows(checkpoint, new_keys: list[str], old_keys_with_files: list[str],
 def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: int, replay: dict[str, list[str]],
                  learning_rate: float = 5e-4, batch_size: int = 64, replay_ratio: float = 2.0, seed: int = 42,
                  image_cache_mb: float = 1024, num_pseudo_queries: int = PSEUDO_QUERIES_PER_IMAGE,
-                 pseudo_query_filter_top_k: int = FILTER_TOP_K, lr_scheduler_type: str = "linear") -> dict:
+                 pseudo_query_filter_top_k: int = FILTER_TOP_K, lr_scheduler_type: str = "linear",
+                 pseudo_query_rows_per_image: int = PSEUDO_QUERIES_PER_IMAGE) -> dict:
     """Write pseudo-queries for `new_keys` and train `steps` steps on new and replayed rows. Returns what the
     update log records (rows, pseudo-queries, seconds)."""
     start = time.perf_counter()
@@ -89,7 +90,7 @@ def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: in
     checkpoint.pseudo_queries = store
     pseudo_seconds = time.perf_counter() - start
     old_with_files = [k for k in images.position if k not in set(new_keys)]
-    rows = update_rows(checkpoint, new_keys, old_with_files, replay, replay_ratio, seed)
+    rows = update_rows(checkpoint, new_keys, old_with_files, replay, replay_ratio, seed, pseudo_query_rows_per_image)
     with tempfile.TemporaryDirectory(prefix="vit_t5_dsi_update_") as scratch:
         args = DSITrainingArguments(output_dir=scratch, max_steps=steps, num_train_epochs=1, learning_rate=learning_rate,
                                     lr_scheduler_type=lr_scheduler_type, warmup_steps=min(10, steps // 5),
