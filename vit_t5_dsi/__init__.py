@@ -26,8 +26,20 @@ AutoProcessor.register(ViTT5DSIConfig, ViTT5DSIProcessor, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(RETRIEVAL_TASK, pipeline_class=TextToImageRetrievalPipeline,
                                     pt_model=(AutoModelForSeq2SeqLM, AutoModel), type="multimodal")
 
+
+
+def __getattr__(name: str):
+    """`add_images` / `remove_images` are imported when first used: they bring the trainer, which searching with a
+    checkpoint never needs."""
+    if name in ("add_images", "remove_images"):
+        import importlib
+
+        return getattr(importlib.import_module(f".updates.{name}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 __all__ = ["ViTT5DSIConfig", "ViTT5DSIForConditionalGeneration", "ViTT5DSIDualEncoderModel",
            "ViTT5DSIPreTrainedModel", "ViTT5DSIProcessor", "ImageIndex", "DSIRetriever",
            "TextToImageRetrievalPipeline", "RETRIEVAL_TASK", "load_dsi_model", "model_class_for_variant",
-           "build_image_index", "load_dense_reranker"]
+           "build_image_index", "load_dense_reranker", "add_images", "remove_images"]

@@ -19,17 +19,21 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights
 INDEX_FILE_NAME = "image_index.json"
 ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # per-image columns (larger collections)
 EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"  # the indexed images' dense embeddings (dual encoder)
+# rq ids: the frozen codebooks (one (codes, dim) matrix per level, the extra level last), so images added later are
+# quantized with the very codes their ids were cut from (`vit_t5_dsi.updates`)
+CODEBOOKS_FILE_NAME = "rq_codebooks.safetensors"
 # a generative checkpoint's dual encoder (the run's dense stage): ids were cut from it, it re-ranks the beam
 DUAL_ENCODER_SUBFOLDER = "dual_encoder"
 # what makes a folder a model (not counting the image index's columns files, whose names carry a digest)
 MODEL_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, INDEX_FILE_NAME,
-               EMBEDDINGS_FILE_NAME)
+               EMBEDDINGS_FILE_NAME, CODEBOOKS_FILE_NAME)
 # a training run's records beside its model (written by the trainer and run_dsi_image.py)
 ALL_RESULTS_FILE = "all_results.json"
 PROTOCOL_FILE = "protocol.json"
 PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
+UPDATES_FILE = "index_updates.json"  # images added and removed after training (`vit_t5_dsi.updates`), oldest first
 RUN_RECORD_FILES = (ALL_RESULTS_FILE, "train_results.json", "eval_results.json", "dense_results.json", PROTOCOL_FILE,
-                    "trainer_state.json", PSEUDO_QUERIES_FILE)
+                    "trainer_state.json", PSEUDO_QUERIES_FILE, UPDATES_FILE)
 
 CODE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 

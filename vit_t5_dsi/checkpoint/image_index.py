@@ -65,6 +65,9 @@ class ImageIndex(ImageIndexFiles):
         self.embeddings = embeddings
         self.scheme_info = dict(scheme_info or {})  # how the ids were built (rq: codes, usage, collisions)
         self.code_vectors: dict[int, np.ndarray] = {}  # rq, when just built: token id -> its code's vector
+        self.codebooks: list[np.ndarray] | None = None  # rq: each level's code vectors (saved; frozen after build)
+        # ids of removed images: never given to another image (the model learned them for the removed one)
+        self.retired: dict[str, list] = {"id_strings": [], "token_ids": []}
         # where each image's file was when the collection was indexed (see `record_image_paths`)
         self.image_root: str | None = None
         self.image_files: Sequence[str | None] | None = None
@@ -225,6 +228,71 @@ class ImageIndex(ImageIndexFiles):
         tokens = self._tokens
         return IdTrie.from_columns(tokens.columns, tokens.lengths, self.eos_token_id, self.pad_token_id,
                                    order=tokens.order, bases=tokens.bases)
+
+    # ----- images added and removed (vit_t5_dsi.updates) -------------------------------------------
+    def _image_paths(self) -> list[str | None] | None:
+        if self.image_files is None:
+            return None
+        return [os.path.join(self.image_root, f) if f is not None else None for f in self.image_files]
+
+    def _carry_over(self, other: "ImageIndex", paths: list[str | None] | None) -> "ImageIndex":
+        other.codebooks = self.codebooks
+        other.retired = {"id_strings": list(self.retired["id_strings"]),
+                         "token_ids": [list(row) for row in self.retired["token_ids"]]}
+        if paths is not None and any(paths):
+            other.record_image_paths(paths)
+        return other
+
+    def without(self, keys: Sequence[str]) -> "ImageIndex":
+        """A new index without `keys` (a KeyError names the first one not indexed). Their ids are retired: they can
+        no longer be decoded and are never given to another image; their embeddings are dropped."""
+        positions = self.positions_of([str(k) for k in keys])
+        unknown = [str(keys[i]) for i in np.flatnonzero(positions < 0)]
+        if unknown:
+            raise KeyError(f"{len(unknown)} of the keys to remove are not indexed (e.g. {unknown[:3]}).")
+        drop = np.zeros(len(self), dtype=bool)
+        drop[positions] = True
+        keep = np.flatnonzero(~drop)
+        table, lengths = self._tokens.table(keep), self._tokens.lengths[keep]
+        index = ImageIndex.from_token_table(
+            [self.keys[int(p)] for p in keep], table, lengths, scheme=self.scheme, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, id_strings=[self.id_strings[int(p)] for p in keep],
+            added_tokens=self.added_tokens, scheme_info=self.scheme_info,
+            embeddings=self.embeddings[torch.from_numpy(keep)] if self.embeddings is not None else None)
+        paths = self._image_paths()
+        self._carry_over(index, [paths[int(p)] for p in keep] if paths is not None else None)
+        for p in np.flatnonzero(drop):
+            index.retired["id_strings"].append(self.id_strings[int(p)])
+            index.retired["token_ids"].append(self._tokens.row(int(p)))
+        return index
+
+    def extended(self, keys: Sequence[str], id_strings: Sequence[str], token_ids: Sequence[Sequence[int]],
+                 embeddings: torch.Tensor | None = None, image_paths: Sequence[str | None] | None = None,
+                 added_tokens: Sequence[str] = ()) -> "ImageIndex":
+        """A new index with these images appended (a ValueError names a key already indexed, or an identifier
+        another image holds or held)."""
+        keys = [str(k) for k in keys]
+        known = [k for k, p in zip(keys, self.positions_of(keys)) if p >= 0]
+        if known:
+            raise ValueError(f"{len(known)} of the images to add are already indexed (e.g. keys {known[:3]}).")
+        retired = {tuple(row) for row in self.retired["token_ids"]}
+        reused = [k for k, row in zip(keys, token_ids) if tuple(row) in retired]
+        if reused:
+            raise ValueError(f"images {reused[:3]} would get the id of a removed image.")
+        if (self.embeddings is None) != (embeddings is None):
+            raise ValueError("The index has embeddings: every added image needs one (and only then).")
+        rows = list(self.token_ids) + [list(map(int, row)) for row in token_ids]
+        index = ImageIndex(list(self.keys) + keys, list(self.id_strings) + list(id_strings), rows, self.scheme,
+                           self.eos_token_id, self.pad_token_id, list(self.added_tokens) + list(added_tokens),
+                           torch.cat([self.embeddings, embeddings.to(self.embeddings.dtype)])
+                           if embeddings is not None else None, self.scheme_info)
+        old = self._image_paths()
+        paths = (old or [None] * len(self)) + list(image_paths or [None] * len(keys))
+        return self._carry_over(index, paths if any(paths) else None)
+
+    def taken_token_rows(self) -> set[tuple[int, ...]]:
+        """Every id this index holds or held (removed images' ids stay taken)."""
+        return {tuple(row) for row in self.token_ids} | {tuple(row) for row in self.retired["token_ids"]}
 
     # ----- image files -----------------------------------------------------------------------------
     def record_image_paths(self, paths: Sequence[str | None]) -> None:

@@ -13,7 +13,8 @@ import torch
 
 
 from .atomic_io import atomic_write, atomic_write_text
-from .checkpoint_files import ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, EMBEDDINGS_FILE_NAME, INDEX_FILE_NAME
+from .checkpoint_files import (ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, CODEBOOKS_FILE_NAME, EMBEDDINGS_FILE_NAME,
+                               INDEX_FILE_NAME)
 from .index_arrays import KeyColumn, StringColumn, check_row_order
 from .token_table import IdStrings, TokenTable
 
@@ -53,12 +54,13 @@ def checkpoint_file(name_or_path: str | os.PathLike, filename: str, subfolder: s
 
 def index_file_names(directory: str | os.PathLike) -> list[str]:
     """The files of an index saved in `directory` that exist there: `image_index.json`, its columns files
-    (`image_index-<digest>.safetensors`, stale ones included) and `image_embeddings.safetensors`. For code that
+    (`image_index-<digest>.safetensors`, stale ones included), `image_embeddings.safetensors` and
+    `rq_codebooks.safetensors`. For code that
     clears or checks a model's state (their names are not all fixed)."""
     if not os.path.isdir(directory):
         return []
     return sorted(name for name in os.listdir(directory)
-                  if name in (INDEX_FILE_NAME, EMBEDDINGS_FILE_NAME)
+                  if name in (INDEX_FILE_NAME, EMBEDDINGS_FILE_NAME, CODEBOOKS_FILE_NAME)
                   or (name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX)))
 
 
@@ -72,7 +74,8 @@ class ImageIndexFiles:
                 "added_tokens": self.added_tokens, "scheme_info": self.scheme_info, "keys": list(self.keys),
                 "id_strings": list(self.id_strings), "token_ids": list(self.token_ids),
                 **({"image_root": self.image_root, "image_files": list(self.image_files)}
-                   if self.image_files is not None else {})}
+                   if self.image_files is not None else {}),
+                **({"retired": self.retired} if self.retired["id_strings"] else {})}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         keys = self._keys.values
@@ -112,6 +115,7 @@ class ImageIndexFiles:
             atomic_write(embeddings_path, lambda tmp: save_file({"image_embeddings": tensor}, tmp))
         elif os.path.exists(embeddings_path):
             os.unlink(embeddings_path)
+        self._save_codebooks(directory)
         arrays_name = self._save_columns(directory) if columns else None
         text = json.dumps(self._header(arrays_name) if columns else self.to_dict())
         path = atomic_write_text(os.path.join(directory, INDEX_FILE_NAME), text)
@@ -119,6 +123,30 @@ class ImageIndexFiles:
             if name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX) and name != arrays_name:
                 os.unlink(os.path.join(directory, name))
         return path
+
+    def _save_codebooks(self, directory: str) -> None:
+        path = os.path.join(directory, CODEBOOKS_FILE_NAME)
+        if not self.codebooks:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        from safetensors.numpy import save_file
+
+        tensors = {f"level_{i}": np.ascontiguousarray(c, dtype=np.float32) for i, c in enumerate(self.codebooks)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"levels": str(len(tensors))}))
+
+    @staticmethod
+    def _read_codebooks(path: str | None) -> list[np.ndarray] | None:
+        if path is None:
+            return None
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="np") as f:
+                count = int((f.metadata() or {})["levels"])
+                return [f.get_tensor(f"level_{i}") for i in range(count)]
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable rq codebooks ({err}).") from err
 
     def _save_columns(self, directory: str) -> str:
         from safetensors.numpy import save_file
@@ -140,7 +168,8 @@ class ImageIndexFiles:
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "added_tokens": self.added_tokens, "scheme_info": self.scheme_info,
                 "token_column_bases": self._tokens.bases, "id_string_rule": self._id_strings.rule(),
-                **({"image_root": self.image_root} if self.image_files is not None else {})}
+                **({"image_root": self.image_root} if self.image_files is not None else {}),
+                **({"retired": self.retired} if self.retired["id_strings"] else {})}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "image index", embeddings: torch.Tensor | None = None
@@ -159,6 +188,7 @@ class ImageIndexFiles:
             if not isinstance(files, list) or len(files) != len(index) or not isinstance(data.get("image_root"), str):
                 raise ValueError(f"{source}: image_files must list one path per image, with image_root.")
             index.image_root, index.image_files = data["image_root"], files
+        index._set_retired(data.get("retired"), source)
         return index
 
     @classmethod
@@ -213,6 +243,7 @@ class ImageIndexFiles:
             if not isinstance(header.get("image_root"), str):
                 raise ValueError(f"{source}: image_files must list one path per image, with image_root.")
             index.image_root, index.image_files = header["image_root"], files
+        index._set_retired(header.get("retired"), source)
         return index
 
     @staticmethod
@@ -231,9 +262,20 @@ class ImageIndexFiles:
                              f"{INDEX_FORMAT_VERSION} (load the checkpoint with its own code).")
         return data
 
+    def _set_retired(self, retired, source: str) -> None:
+        if retired is None:
+            return
+        if not (isinstance(retired, dict) and isinstance(retired.get("id_strings"), list)
+                and isinstance(retired.get("token_ids"), list)
+                and len(retired["id_strings"]) == len(retired["token_ids"])):
+            raise ValueError(f"{source}: 'retired' must hold id_strings and token_ids, one per removed image.")
+        self.retired = {"id_strings": [str(s) for s in retired["id_strings"]],
+                        "token_ids": [[int(t) for t in row] for row in retired["token_ids"]]}
+
     @classmethod
     def load(cls, path: str | os.PathLike, embeddings_path: str | os.PathLike | None = None,
-             arrays_path: str | os.PathLike | None = None) -> "ImageIndexFiles":
+             arrays_path: str | os.PathLike | None = None, codebooks_path: str | os.PathLike | None = None
+             ) -> "ImageIndexFiles":
         """From `image_index.json` (or the directory holding it) and the columns file it names, or from the
         first layout (every list in the JSON file); a corrupt file is an error naming it."""
         path = os.path.join(path, INDEX_FILE_NAME) if os.path.isdir(path) else os.fspath(path)
@@ -259,6 +301,9 @@ class ImageIndexFiles:
             index = cls.from_dict(data, path, embeddings)
         if embeddings is not None and len(embeddings) != len(index):
             raise ValueError(f"{embeddings_path}: {len(embeddings)} embeddings for the {len(index)} images of {path}.")
+        if codebooks_path is None and os.path.exists(os.path.join(os.path.dirname(path), CODEBOOKS_FILE_NAME)):
+            codebooks_path = os.path.join(os.path.dirname(path), CODEBOOKS_FILE_NAME)
+        index.codebooks = cls._read_codebooks(codebooks_path)
         return index
 
     @classmethod
@@ -278,8 +323,10 @@ class ImageIndexFiles:
             arrays_path = checkpoint_file(name_or_path, header["arrays_file"], **options)
             if arrays_path is None:
                 raise ValueError(f"{index_path}: the image index columns {header['arrays_file']!r} are missing.")
-        return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options), arrays_path)
+        return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options), arrays_path,
+                        checkpoint_file(name_or_path, CODEBOOKS_FILE_NAME, **options))
 
 
 __all__ = ["ImageIndexFiles", "checkpoint_file", "index_file_names", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME",
+           "CODEBOOKS_FILE_NAME",
            "JSON_LIMIT", "HUB_KWARGS"]

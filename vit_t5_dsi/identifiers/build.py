@@ -58,6 +58,7 @@ def build_image_index(keys: Sequence[str], tokenizer, scheme: str = "naive", *, 
     if scheme == "rq":
         index.code_vectors = {tokenizer.convert_tokens_to_ids(name): vector
                               for name, vector in codes.code_vectors().items() if name in added}
+        index.codebooks = [np.asarray(c, dtype=np.float32) for c in codes.centers]  # saved: new images use them
     return index
 
 

@@ -135,4 +135,32 @@ def residual_quantize(embeddings: np.ndarray, num_levels: int = 3, codes_per_lev
     return ResidualCodes(codes, extra, position, [codes_per_level] * num_levels, usage, level_centers)
 
 
-__all__ = ["ResidualCodes", "residual_quantize", "CODE_TOKEN"]
+def quantize_with_codebooks(embeddings: np.ndarray, codebooks: list[np.ndarray], num_levels: int,
+                            allowed: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (n, num_levels) of new embeddings under frozen codebooks (each level's nearest code to the residual,
+    as `residual_quantize` assigned them), and the residuals left after the last level. `allowed[level]`: the
+    codes that may be chosen there (those the tokenizer has a token for); the others are skipped."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
+        raise ValueError(f"rq ids need finite (num_images, dim) embeddings, got shape {embeddings.shape}.")
+    if len(codebooks) < num_levels:
+        raise ValueError(f"{len(codebooks)} codebooks for {num_levels} rq levels.")
+    if codebooks[0].shape[1] != embeddings.shape[1]:
+        raise ValueError(f"The embeddings have {embeddings.shape[1]} dimensions and the rq codebooks "
+                         f"{codebooks[0].shape[1]}: they come from another encoder.")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    residual = embeddings / np.where(norms > 0, norms, 1.0)
+    codes = np.zeros((len(embeddings), num_levels), dtype=np.int64)
+    for level in range(num_levels):
+        centers = np.asarray(codebooks[level], dtype=np.float64)
+        distances = ((residual[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+        if allowed is not None:
+            mask = np.full(len(centers), np.inf)
+            mask[allowed[level]] = 0.0
+            distances = distances + mask[None, :]
+        codes[:, level] = distances.argmin(1)
+        residual = residual - centers[codes[:, level]]
+    return codes, residual
+
+
+__all__ = ["ResidualCodes", "residual_quantize", "quantize_with_codebooks", "CODE_TOKEN"]

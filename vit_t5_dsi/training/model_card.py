@@ -105,4 +105,31 @@ first), the pipeline, `DSIRetriever` and the vit-t5-dsi CLI and app re-order the
 """
 
 
-__all__ = ["render_model_card", "metrics_table", "example_query", "hub_dataset_tag", "HUB_PIPELINE_TAG"]
+UPDATES_HEADING = "## Images added and removed since training"
+
+
+def updates_section(card: str, updates: list[dict]) -> str:
+    """`card` with its updates section (one row per add or remove, from the checkpoint's update log) replaced or
+    appended: the figures above it describe the model as trained, the rows what changed after."""
+    lines = [UPDATES_HEADING, "",
+             "The figures above are those of training. Each row below changed the index afterwards "
+             "(`vit_t5_dsi.add_images` / `remove_images`, logged in `index_updates.json`).", "",
+             "| when (UTC) | change | images indexed after | short update | seconds | figures |",
+             "|---|---|---|---|---|---|"]
+    for u in updates:
+        change = f"{u['action']} {u['num_images']}" + (f" (e.g. {', '.join(u['keys'][:3])})" if u.get("keys") else "")
+        training = f"{u['update_steps']} steps" if u.get("update_steps") else "none (ids and trie only)"
+        figures = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in (u.get("figures") or {}).items()) or "-"
+        lines.append(f"| {u['time']} | {change} | {u['num_indexed']} | "
+                     f"{training if u['action'] == 'add' else '-'} | {u.get('seconds', 0):.1f} | {figures} |")
+    section = "\n".join(lines) + "\n"
+    start = card.find(UPDATES_HEADING)
+    if start < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    end = card.find("\n## ", start + len(UPDATES_HEADING))
+    return card[:start] + section + (card[end + 1:] if end >= 0 else "")
+
+
+__all__ = ["render_model_card", "metrics_table", "example_query", "hub_dataset_tag", "updates_section",
+           "HUB_PIPELINE_TAG"]

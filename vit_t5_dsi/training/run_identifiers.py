@@ -98,9 +98,11 @@ def identifiers_for(model_args, training_args, model, processor, splits, images,
         logger.info("Built %s ids for %d images (at most %d tokens)%s.", scheme, len(index), index.max_id_length,
                     f": {index.scheme_info}" if index.scheme_info else "")
         payload = {"index": index.to_dict(),
-                   "code_vectors": {token: vector.tolist() for token, vector in index.code_vectors.items()}}
+                   "code_vectors": {token: vector.tolist() for token, vector in index.code_vectors.items()},
+                   "codebooks": [c.tolist() for c in index.codebooks or []]}  # saved: images added later use them
     payload = broadcast_from_main(payload)
     index = ImageIndex.from_dict(payload["index"])
+    index.codebooks = [np.asarray(c, dtype=np.float32) for c in payload["codebooks"]] or None
     index.code_vectors = {int(token): np.asarray(vector) for token, vector in payload["code_vectors"].items()}
     missing = [t for t in index.added_tokens if t not in processor.tokenizer.get_vocab()]
     if missing:  # atomic and rq ids: the main process added these tokens to its tokenizer
