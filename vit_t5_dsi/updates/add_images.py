@@ -12,7 +12,6 @@ import logging
 import time
 
 import datasets
-import numpy as np
 import torch
 
 from ..checkpoint.errors import UsageError

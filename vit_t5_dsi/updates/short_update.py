@@ -79,7 +79,7 @@ def short_update(checkpoint, new_keys: list[str], images: ImageSource, steps: in
     """Write pseudo-queries for `new_keys` and train `steps` steps on new and replayed rows. Returns what the
     update log records (rows, pseudo-queries, seconds)."""
     start = time.perf_counter()
-    model, index = checkpoint.model, checkpoint.model.image_index
+    model = checkpoint.model
     captions = getattr(model.config, "caption_token_id", None) is not None
     written = (write_pseudo_queries(checkpoint, new_keys, images, seed, num_queries=num_pseudo_queries,
                                     filter_top_k=pseudo_query_filter_top_k) if captions else PseudoQueries())
