@@ -323,8 +323,12 @@ class ImageIndexFiles:
             arrays_path = checkpoint_file(name_or_path, header["arrays_file"], **options)
             if arrays_path is None:
                 raise ValueError(f"{index_path}: the image index columns {header['arrays_file']!r} are missing.")
+        # the rq codebooks serve only adding images, which works on a local folder: a Hub load never asks for
+        # them (one request fewer, and a repo pushed before they existed still loads offline from the cache)
+        codebooks = (checkpoint_file(name_or_path, CODEBOOKS_FILE_NAME, **options)
+                     if os.path.isdir(name_or_path) else None)
         return cls.load(index_path, checkpoint_file(name_or_path, EMBEDDINGS_FILE_NAME, **options), arrays_path,
-                        checkpoint_file(name_or_path, CODEBOOKS_FILE_NAME, **options))
+                        codebooks)
 
 
 __all__ = ["ImageIndexFiles", "checkpoint_file", "index_file_names", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME",
