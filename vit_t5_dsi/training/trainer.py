@@ -23,6 +23,8 @@ from transformers.trainer_pt_utils import nested_gather
 
 from ..data.rows import DSICollator, ImageSource
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
+from . import fault_points
+from .hub_push import push_failed, repo_failed
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
@@ -87,6 +89,16 @@ class CollatorEpoch(TrainerCallback):
         self.collator.epoch = epoch_index(state)
 
 
+class FaultPointsCallback(TrainerCallback):
+    """`fault_points` between optimizer steps (only added when VIT_T5_DSI_KILL_AT is set)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault_points.reached(self.prefix + "step")
+
+
 class DSITrainer(Seq2SeqTrainer):
     """`DSITrainer(model, args, images=ImageSource(...), processing_class=processor, train_dataset=...,
     eval_dataset={"eval": queries, ...})`. The collator is built from the model's index, the images and the
@@ -124,6 +136,8 @@ class DSITrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, **kwargs)
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(CollatorEpoch(self.data_collator))
+        if os.environ.get(fault_points.KILL_AT_VARIABLE):
+            self.add_callback(FaultPointsCallback(self._fault_prefix))
         self.images = images if images is not None else self.data_collator.images
         self.caption_references = caption_references or {}
         if reranker is not None and self.is_dual_encoder:
@@ -139,6 +153,10 @@ class DSITrainer(Seq2SeqTrainer):
     @property
     def is_dual_encoder(self) -> bool:
         return self.model.config.variant == "dual_encoder"
+
+    @property
+    def _fault_prefix(self) -> str:  # the dense stage's moments are its own (fault_points)
+        return "dense_" if self.is_dual_encoder else ""
 
     # ----- evaluation --------------------------------------------------------------------------------
     @property
@@ -228,6 +246,7 @@ class DSITrainer(Seq2SeqTrainer):
         if self.reranker is not None and texts is not None:
             reranked = self.reranker.rerank(ranking, texts, model.image_index)
             positions = torch.stack([positions, torch.as_tensor(reranked.positions, device=gold.device)], dim=1)
+        fault_points.reached(self._fault_prefix + "evaluation")
         return None, positions, torch.stack([gold, query_id], dim=1)
 
     # ----- resuming ----------------------------------------------------------------------------------
@@ -264,6 +283,7 @@ class DSITrainer(Seq2SeqTrainer):
             super()._save_checkpoint(model, trial)
             # the steps not yet logged, averaged over processes as Trainer's logging does (a collective)
             pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+            fault_points.reached(self._fault_prefix + "checkpoint_save")  # Trainer's files written, no mark yet
             if self.is_world_process_zero():
                 for callback in self.callback_handler.callbacks:
                     if hasattr(callback, "save_to_checkpoint"):
@@ -294,7 +314,11 @@ class DSITrainer(Seq2SeqTrainer):
         the index first gets the embeddings of the weights being saved, so every checkpoint searches on its own."""
         if self.is_dual_encoder:
             self.index.embeddings = self._current_index_embeddings()
+        if _internal_call:  # a checkpoint's save (fault_points): before the model is written, and after
+            fault_points.reached(self._fault_prefix + "checkpoint_save")
         super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            fault_points.reached(self._fault_prefix + "checkpoint_save")
 
     def _current_index_embeddings(self) -> torch.Tensor:
         """The index embeddings of the weights at this training step, computed once per step: the final save
@@ -313,6 +337,24 @@ class DSITrainer(Seq2SeqTrainer):
                 if os.path.isfile(source) and name not in RESUME_ONLY_FILES and not name.startswith("rng_state"):
                     shutil.copy(source, os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """A repo that cannot be created or reached stops the run before training, with a message."""
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as err:
+            raise repo_failed(err, self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))) \
+                from err
+
+    def push_to_hub(self, *args, **kwargs):
+        """A push that fails raises `HubPushError`, saying what was and was not uploaded (`hub_push`)."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            if not self.is_world_process_zero():
+                raise
+            raise push_failed(err, getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+                              self.args.output_dir) from err
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None,
                           dataset_tags: str | list[str] | None = None, **kwargs) -> None:
