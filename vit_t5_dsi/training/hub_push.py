@@ -8,10 +8,14 @@ as they were before it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import logging
 import os
 
 from ..checkpoint.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 # what Trainer.push_to_hub leaves out of its upload (its `ignore_patterns`)
 IGNORED = ("_*", "checkpoint-*")
@@ -50,4 +54,43 @@ def repo_failed(err: BaseException, repo_id: str | None) -> HubPushError:
         "--push_to_hub and upload the output directory later.")
 
 
-__all__ = ["HubPushError", "files_to_push", "push_failed", "repo_failed"]
+class HubPushMessages:
+    """Trainer's Hub methods with messages (a mixin before `Trainer`). `Trainer.save_model` pushes when
+    --push_to_hub is on, right after the final save and before evaluation; a failure there is logged and the run
+    goes on (evaluation, results, card), since the script pushes again at its end, where a failure stops the run
+    with `HubPushError`."""
+
+    _push_deferred = False
+
+    @contextlib.contextmanager
+    def push_deferred(self, deferred: bool = True):
+        before, self._push_deferred = self._push_deferred, deferred
+        try:
+            yield
+        finally:
+            self._push_deferred = before
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """A repo that cannot be created or reached stops the run before training, with a message."""
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as err:
+            raise repo_failed(err, self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+                              ) from err
+
+    def push_to_hub(self, *args, **kwargs):
+        """A push that fails raises `HubPushError`, saying what was and was not uploaded."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            if not self.is_world_process_zero():
+                raise
+            failure = push_failed(err, getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+                                  self.args.output_dir)
+            if self._push_deferred:
+                logger.error("%s The run goes on; the push is tried again at its end.", failure)
+                return None
+            raise failure from err
+
+
+__all__ = ["HubPushMessages", "HubPushError", "files_to_push", "push_failed", "repo_failed"]

@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import nested_gather
 from ..data.rows import DSICollator, ImageSource
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from . import fault_points
-from .hub_push import push_failed, repo_failed
+from .hub_push import HubPushMessages
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import render_model_card
@@ -99,7 +99,7 @@ class FaultPointsCallback(TrainerCallback):
         fault_points.reached(self.prefix + "step")
 
 
-class DSITrainer(Seq2SeqTrainer):
+class DSITrainer(HubPushMessages, Seq2SeqTrainer):
     """`DSITrainer(model, args, images=ImageSource(...), processing_class=processor, train_dataset=...,
     eval_dataset={"eval": queries, ...})`. The collator is built from the model's index, the images and the
     processor unless one is given; `args.retrieval_k` (default 10) sets the beams and the reported Hits@k."""
@@ -316,7 +316,8 @@ class DSITrainer(Seq2SeqTrainer):
             self.index.embeddings = self._current_index_embeddings()
         if _internal_call:  # a checkpoint's save (fault_points): before the model is written, and after
             fault_points.reached(self._fault_prefix + "checkpoint_save")
-        super().save_model(output_dir, _internal_call)
+        with self.push_deferred(not _internal_call):  # Trainer pushes after a final save (hub_push)
+            super().save_model(output_dir, _internal_call)
         if _internal_call:
             fault_points.reached(self._fault_prefix + "checkpoint_save")
 
@@ -337,24 +338,6 @@ class DSITrainer(Seq2SeqTrainer):
                 if os.path.isfile(source) and name not in RESUME_ONLY_FILES and not name.startswith("rng_state"):
                     shutil.copy(source, os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """A repo that cannot be created or reached stops the run before training, with a message."""
-        try:
-            super().init_hf_repo(token, private)
-        except Exception as err:
-            raise repo_failed(err, self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))) \
-                from err
-
-    def push_to_hub(self, *args, **kwargs):
-        """A push that fails raises `HubPushError`, saying what was and was not uploaded (`hub_push`)."""
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        except Exception as err:
-            if not self.is_world_process_zero():
-                raise
-            raise push_failed(err, getattr(self, "hub_model_id", None) or self.args.hub_model_id,
-                              self.args.output_dir) from err
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None,
                           dataset_tags: str | list[str] | None = None, **kwargs) -> None:
