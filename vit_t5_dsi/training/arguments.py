@@ -214,6 +214,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     else:
         parsed = parser.parse_args_into_dataclasses(args=_bare_switches_set(argv))
     resolve_latest_checkpoint(parsed[2])
+    from .distributed import apply_collective_timeout
+
+    apply_collective_timeout(parsed[2].ddp_timeout)  # transformers applies it to GPU backends only
     return parsed
 
 
