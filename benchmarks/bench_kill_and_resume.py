@@ -144,7 +144,9 @@ def main() -> int:
             complete, incomplete, problems = checkpoints_after_kill(out, run_args, log)
             with open(log, "a") as f:
                 f.write("\n===== resume =====\n")
-            resumed_from = last_checkpoint(out) or "(none: the run starts)"  # what `latest` resolves to
+            dense = last_checkpoint(os.path.join(out, "dual_encoder"))  # what `latest` resolves to
+            resumed_from = (last_checkpoint(out) or (f"dual_encoder/{os.path.basename(dense)}" if dense else None)
+                            or "start")
             resumed_code, resume_seconds = run(run_args + ["--resume_from_checkpoint", "latest"], log)
             if resumed_code == 0:
                 compared, differences, loss_diff = compare(full, out)
@@ -152,7 +154,7 @@ def main() -> int:
                 compared, differences, loss_diff = 0, [f"resume exited {resumed_code}"], float("nan")
             ok = code == -9 and not problems and not differences
             passed += ok
-            rows.append((moment, str(arrival), str(code), f"{complete}/{incomplete}", os.path.basename(resumed_from),
+            rows.append((moment, str(arrival), str(code), f"{complete}/{incomplete}", resumed_from.replace(out + "/", ""),
                          str(compared), "; ".join(problems + differences) or "none", f"{loss_diff:.1e}",
                          "identical" if not any("model" in d for d in differences) and resumed_code == 0 else "DIFFER",
                          f"{killed_seconds:.0f}", f"{resume_seconds:.0f}", "pass" if ok else "FAIL"))

@@ -87,3 +87,36 @@ def test_an_unknown_kill_moment_is_an_error(monkeypatch):
         fault_points.reached("step")
     monkeypatch.delenv(KILL_AT_VARIABLE)
     fault_points.reached("step")  # unset: nothing happens
+
+
+def test_latest_is_the_last_complete_checkpoint_and_an_unfinished_start_is_cleared(tmp_path):
+    from types import SimpleNamespace
+
+    from vit_t5_dsi.training.resume import resolve_latest_checkpoint
+    from vit_t5_dsi.training.trainer import RESUME_STATE_FILE
+
+    def args():
+        return SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint="latest", process_index=0,
+                               world_size=1)
+
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / RESUME_STATE_FILE).write_text("{}")
+    (tmp_path / "pseudo_queries.jsonl").write_text("")
+    resolved = args()
+    resolve_latest_checkpoint(resolved)
+    assert resolved.resume_from_checkpoint == str(tmp_path / "checkpoint-8")  # checkpoint-12 was being written
+    assert (tmp_path / "checkpoint-12").exists()  # left for the resumed run to write again
+    # killed before its first complete checkpoint: what it left is cleared, the dense stage kept, the run starts
+    for step in (4, 8):
+        (tmp_path / f"checkpoint-{step}" / RESUME_STATE_FILE).unlink()
+    (tmp_path / "dual_encoder").mkdir()
+    resolved = args()
+    resolve_latest_checkpoint(resolved)
+    assert resolved.resume_from_checkpoint is None and os.listdir(tmp_path) == ["dual_encoder"]
+    # anything else (an earlier run's results) is not the killed run's: kept, and the output dir check refuses it
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "all_results.json").write_text("{}")
+    resolve_latest_checkpoint(args())
+    assert sorted(os.listdir(tmp_path)) == ["all_results.json", "checkpoint-4", "dual_encoder"]

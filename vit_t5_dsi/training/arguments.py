@@ -6,7 +6,6 @@ Choices are typed (`Literal`), so a typo fails when the flags are parsed. The de
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from ..checkpoint.errors import UsageError
 from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
                      TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -213,29 +210,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
     else:
         parsed = parser.parse_args_into_dataclasses(args=_bare_switches_set(argv))
-    resolve_latest_checkpoint(parsed[2])
     from .distributed import apply_collective_timeout
+    from .resume import resolve_latest_checkpoint
+
+    resolve_latest_checkpoint(parsed[2])
 
     apply_collective_timeout(parsed[2].ddp_timeout)  # transformers applies it to GPU backends only
     return parsed
-
-
-LATEST = "latest"
-
-
-def resolve_latest_checkpoint(training_args) -> None:
-    """`--resume_from_checkpoint latest`: the last complete `checkpoint-N` in --output_dir (one a run was killed
-    while writing is skipped), or, when there is none, no checkpoint: the run then starts as the same command
-    without the flag would (a --dense_first stage resumes or is reused; any other non-empty --output_dir is
-    refused). The one command that resumes a run stopped at any moment."""
-    if str(training_args.resume_from_checkpoint or "").lower() != LATEST:
-        return
-    from .dense_stage import last_checkpoint
-
-    found = last_checkpoint(training_args.output_dir)
-    logger.info("--resume_from_checkpoint latest: %s", found or f"no complete checkpoint in {training_args.output_dir}"
-                ", starting the run")
-    training_args.resume_from_checkpoint = found
 
 
 # Switches whose default depends on other flags (None = "not given"): HfArgumentParser makes an Optional[bool]
@@ -365,5 +346,4 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                          "another --output_dir.")
 
 
-__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "check_arguments",
-           "resolve_latest_checkpoint", "LATEST"]
+__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "check_arguments"]
