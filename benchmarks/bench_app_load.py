@@ -36,10 +36,10 @@ def text_queries(n: int) -> list[str]:
     return [f"{size} {colour} {shape} in the {place}" for size, colour, shape, place in itertools.islice(combos, n)]
 
 
-def image_queries(model: str, n: int) -> list[str]:
+def image_queries(model: str, n: int, image_dir: str | None = None) -> list[str]:
     with open(os.path.join(model, "image_index.json")) as f:
         index = json.load(f)
-    files = [os.path.join(index["image_root"], name) for name in index["image_files"] if name]
+    files = [os.path.join(image_dir or index["image_root"], name) for name in index["image_files"] if name]
     return files[:n]
 
 
@@ -55,12 +55,14 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--distinct", type=int, default=100, help="Distinct queries of each kind.")
     parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--image_dir", default=None, help="The collection's images, when they moved (app.py's).")
     parser.add_argument("--app_args", nargs=argparse.REMAINDER, default=[],
                         help="Passed on to app.py (e.g. --rerank_with none, --concurrency_limit 2).")
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
-    texts, images = text_queries(args.distinct), image_queries(args.model, args.distinct)
+    texts, images = text_queries(args.distinct), image_queries(args.model, args.distinct, args.image_dir)
+    app_args = args.app_args + (["--image_dir", args.image_dir] if args.image_dir else [])
     distinct = [("text", q) for q in texts] + [("image", q) for q in images]
     workload = [distinct[i % len(distinct)] for i in range(args.queries)]  # alternating text / image halves
 
@@ -73,7 +75,7 @@ def main() -> int:
             raise RuntimeError(f"{len(answer)} results: {message}")
         return answer, time.perf_counter() - started, message
 
-    with RunningApp(args.model, *args.app_args, timeout=600) as app:
+    with RunningApp(args.model, *app_args, timeout=600) as app:
         client = Client(app.url, verbose=False)
         expected, sequential, reranked = {}, [], False
         for kind, query in distinct:
@@ -110,7 +112,7 @@ def main() -> int:
     every = latencies["text"] + latencies["image"]
     print(f"\n{args.model}: {args.clients} clients, {args.queries} queries ({len(texts)} distinct captions, "
           f"{len(images)} distinct images, top-{args.top_k}), text queries "
-          f"{'re-ranked by the dual encoder' if reranked else 'not re-ranked'}; app.py {' '.join(args.app_args)}\n")
+          f"{'re-ranked by the dual encoder' if reranked else 'not re-ranked'}; app.py {' '.join(app_args)}\n")
     print("| queries | answered | errors | differ from one at a time | p50 s | p95 s | max s | queries/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, values in (("text", latencies["text"]), ("image", latencies["image"]), ("all", every)):
