@@ -121,7 +121,7 @@ def main() -> int:
             err = sum(1 for e in errors if name == "all" or e.startswith(name))
             print(f"| {name} | {len(values)} | {err} | {differ} | {statistics.median(values):.2f} | "
                   f"{percentile(values, 0.95):.2f} | {max(values):.2f} | "
-                  (f"{len(values) / wall:.1f} |" if name == "all" else "- |"))
+                  + (f"{len(values) / wall:.1f} |" if name == "all" else "- |"))
     print(f"| one at a time ({len(sequential)} distinct) | {len(sequential)} | 0 | - | "
           f"{statistics.median(sequential):.2f} | {percentile(sequential, 0.95):.2f} | {max(sequential):.2f} | "
           f"{len(sequential) / sum(sequential):.1f} |")
