@@ -1,7 +1,10 @@
-"""Offline, tiny, deterministic fixtures shared by the tests."""
+"""Offline, tiny, deterministic fixtures shared by the tests, and the helpers of the end-to-end resume tests."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -51,3 +54,64 @@ def tiny_config(variant="cross_attention", vocab_size=160, **kwargs):
     from vit_t5_dsi.checkpoint.configuration_vit_t5_dsi import ViTT5DSIConfig
 
     return ViTT5DSIConfig.from_preset("tiny", variant=variant, vocab_size=vocab_size, **kwargs)
+
+
+# ----- end-to-end runs of run_dsi_image.py, resumed and compared (test_resume.py, test_kill_and_resume.py) ---------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Figures that are wall-clock measurements differ between any two runs; everything else must be equal.
+TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+# `train_loss` is a float sum over every step: a resumed run adds the same per-step losses grouped at another
+# boundary (the checkpoint instead of a logging step), so the last bits of the sum may differ.
+TRAIN_LOSS_TOLERANCE = 1e-6
+# the default recipe otherwise: dense stage, rq ids, captioning, round-trip filter, re-ranking
+RECIPE = ("--pseudo_query_epochs", "1,2", "--augment", "True", "--per_device_train_batch_size", "64",
+          "--max_steps", "24", "--save_steps", "4")
+
+
+def tiny_run_args(output_dir, data_dir, *extra):
+    """A tiny, checkpointing run of run_dsi_image.py on the built-in demo (40 scenes), seed 7."""
+    return ["--output_dir", str(output_dir), "--demo_dir", str(data_dir), "--demo_num_images", "40",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True",
+            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
+            "--logging_steps", "5", "--save_strategy", "steps", "--save_total_limit", "20", "--seed", "7",
+            "--use_cpu", "True", *extra]
+
+
+def run_training(args, launcher=None, env=None):
+    """`python run_dsi_image.py ARGS` (or under `launcher`), which must succeed."""
+    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "run_dsi_image.py"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_same_results(uninterrupted_dir, resumed_dir):
+    """Two runs ended alike: every non-timing figure of all_results.json (train_loss within
+    TRAIN_LOSS_TOLERANCE), the final weights bit for bit, the pseudo-queries and their protocol."""
+    from safetensors.torch import load_file
+
+    full = json.loads((uninterrupted_dir / "all_results.json").read_text())
+    resumed = json.loads((resumed_dir / "all_results.json").read_text())
+    assert set(full) == set(resumed)
+    compared = 0
+    for key, value in full.items():
+        if key.endswith(TIMING_SUFFIXES):
+            continue
+        if key.endswith("train_loss"):
+            assert resumed[key] == pytest.approx(value, rel=TRAIN_LOSS_TOLERANCE)
+        else:
+            assert resumed[key] == value, key
+        compared += 1
+    assert compared >= 15
+    for name in ("model.safetensors",):
+        a, b = load_file(str(uninterrupted_dir / name)), load_file(str(resumed_dir / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
+    protocol = [json.loads((d / "protocol.json").read_text())["pseudo_queries"]
+                for d in (uninterrupted_dir, resumed_dir)]
+    for written in protocol:
+        written.pop("writing_seconds", None)  # wall-clock
+    assert protocol[0] == protocol[1]
+    if (uninterrupted_dir / "pseudo_queries.jsonl").exists():
+        assert (uninterrupted_dir / "pseudo_queries.jsonl").read_text() == \
+            (resumed_dir / "pseudo_queries.jsonl").read_text()

@@ -1,7 +1,6 @@
 """A resumed run is the run it resumed: every weight as saved, then the same data, crops, pseudo-queries and
 figures as the same run uninterrupted."""
 
-import json
 import os
 import shutil
 import signal
@@ -13,18 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import RECIPE, ROOT, assert_same_results, tiny_config
+from conftest import run_training as _run, tiny_run_args as _tiny_run
 from test_dsi_trainer import make_trainer, splits  # noqa: F401  (a fixture)
 from vit_t5_dsi import ImageIndex, model_class_for_variant
 from vit_t5_dsi.training.trainer import CheckpointMismatchError, load_checkpoint_weights
 from vit_t5_dsi.checkpoint.loading import load_dsi_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Figures that are wall-clock measurements differ between any two runs; everything else must be equal.
-TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
-# `train_loss` is a float sum over every step: a resumed run adds the same per-step losses grouped at another
-# boundary (the checkpoint instead of a logging step), so the last bits of the sum may differ.
-TRAIN_LOSS_TOLERANCE = 1e-6
 
 
 @pytest.mark.parametrize("variant", ["cross_attention", "codebook", "dual_encoder"])
@@ -61,49 +54,6 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_warning(tmp_path, spli
         load_checkpoint_weights(dual, checkpoint)
 
 
-def _tiny_run(output_dir, data_dir, *extra):
-    return ["--output_dir", str(output_dir), "--demo_dir", str(data_dir), "--demo_num_images", "40",
-            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True",
-            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
-            "--logging_steps", "5", "--save_strategy", "steps", "--save_total_limit", "20", "--seed", "7",
-            "--use_cpu", "True", *extra]
-
-
-def _run(args, launcher=None, env=None):
-    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "run_dsi_image.py"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                            env={**os.environ, **(env or {})})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def assert_same_results(uninterrupted_dir, resumed_dir):
-    full = json.loads((uninterrupted_dir / "all_results.json").read_text())
-    resumed = json.loads((resumed_dir / "all_results.json").read_text())
-    assert set(full) == set(resumed)
-    compared = 0
-    for key, value in full.items():
-        if key.endswith(TIMING_SUFFIXES):
-            continue
-        if key.endswith("train_loss"):
-            assert resumed[key] == pytest.approx(value, rel=TRAIN_LOSS_TOLERANCE)
-        else:
-            assert resumed[key] == value, key
-        compared += 1
-    assert compared >= 15
-    for name in ("model.safetensors",):
-        a, b = load_file(str(uninterrupted_dir / name)), load_file(str(resumed_dir / name))
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
-    protocol = [json.loads((d / "protocol.json").read_text())["pseudo_queries"]
-                for d in (uninterrupted_dir, resumed_dir)]
-    for written in protocol:
-        written.pop("writing_seconds", None)  # wall-clock
-    assert protocol[0] == protocol[1]
-    if (uninterrupted_dir / "pseudo_queries.jsonl").exists():
-        assert (uninterrupted_dir / "pseudo_queries.jsonl").read_text() == \
-            (resumed_dir / "pseudo_queries.jsonl").read_text()
-
-
 def resume_from_a_copy(tmp_path, args_for, step, launcher=None, env=None):
     """The run uninterrupted, then the same run as if killed right after checkpoint-`step` was written (its output
     dir holds that checkpoint and a finished dense stage), resumed with --resume_from_checkpoint."""
@@ -122,10 +72,6 @@ def test_a_resumed_run_ends_with_the_results_of_the_uninterrupted_one(tmp_path):
     resume_from_a_copy(tmp_path, lambda out: _tiny_run(out, data, "--docid_scheme", "semantic", "--dense_first",
                                                        "False", "--captioning_ratio", "0", "--max_steps", "12",
                                                        "--save_steps", "4"), step=8)
-
-
-RECIPE = ("--pseudo_query_epochs", "1,2", "--augment", "True", "--per_device_train_batch_size", "64",
-          "--max_steps", "24", "--save_steps", "4")  # the default recipe otherwise: dense stage, rq ids, filter
 
 
 @pytest.mark.slow

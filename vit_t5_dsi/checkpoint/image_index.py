@@ -310,10 +310,15 @@ class ImageIndex(ImageIndexFiles):
 
     def image_path(self, position: int, image_dir: str | os.PathLike | None = None) -> str | None:
         """The file of the image at `position` (under `image_dir` instead of the recorded root, when given), or
-        None when the index records none or it does not exist on this machine."""
+        None when the index records none, it does not exist on this machine, or it lies outside the image folder:
+        an index from elsewhere (the Hub) whose `image_files` hold `../` or absolute paths, or a symlink in the
+        folder that points out of it, never names a file beyond it (a web app would serve it)."""
         if self.image_files is None or self.image_files[position] is None:
             return None
-        path = os.path.join(os.fspath(image_dir) if image_dir else self.image_root, self.image_files[position])
+        root = os.fspath(image_dir) if image_dir else self.image_root
+        path = os.path.join(root, self.image_files[position])
+        if not is_inside(path, root):
+            return None
         return path if os.path.isfile(path) else None
 
     def logits_processor(self) -> TrieConstrainedLogitsProcessor:
@@ -344,4 +349,10 @@ class ImageIndex(ImageIndexFiles):
                     "load the tokenizer saved with the checkpoint.")
 
 
-__all__ = ["ImageIndex", "SCHEMES", "EMBEDDING_SCHEMES", "ATOMIC_TOKEN"]
+def is_inside(path: str, folder: str) -> bool:
+    """`path`, symlinks and `..` resolved, lies inside `folder` (resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+__all__ = ["ImageIndex", "is_inside", "SCHEMES", "EMBEDDING_SCHEMES", "ATOMIC_TOKEN"]

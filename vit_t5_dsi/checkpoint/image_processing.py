@@ -24,6 +24,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned by its EXIF orientation (a phone photo stored sideways), as transformers' `load_image`
+    does; the image itself when it has none (or an unreadable EXIF block)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return image
+    if orientation == 1:
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
 def open_image(value, image_dir: str | None = None) -> Image.Image:
     """A PIL image from a path, a `datasets` Image dict ({"bytes", "path"}), raw bytes or a PIL image."""
     if isinstance(value, Image.Image):
@@ -43,7 +57,7 @@ def open_image(value, image_dir: str | None = None) -> Image.Image:
 def load_rgb(value, image_dir: str | None = None) -> Image.Image:
     with open_image(value, image_dir) as image:
         image.load()
-        return to_rgb(image)
+        return to_rgb(upright(image))
 
 
-__all__ = ["to_rgb", "open_image", "load_rgb"]
+__all__ = ["to_rgb", "upright", "open_image", "load_rgb"]

@@ -18,6 +18,7 @@ from transformers import Pipeline
 
 from .configuration_vit_t5_dsi import RETRIEVAL_TASK
 from .loading import RERANKER_SUBFOLDER, resolve_reranker
+from .query_checks import clean_text, upright_rgb
 from .ranking import rank_queries
 
 TASK = RETRIEVAL_TASK
@@ -117,13 +118,15 @@ class TextToImageRetrievalPipeline(Pipeline):
         return {}, forward, postprocess
 
     def preprocess(self, query):
-        if isinstance(query, str):
-            if not query.strip():
+        if isinstance(query, str):  # control characters removed, any length (the processor truncates)
+            query, _ = clean_text(query)
+            if not query:
                 raise ValueError("An empty query: type a caption, or pass an image.")
             encoded = self.processor(text=[query])
             return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "query": query}
-        if _is_image(query):
-            return {"pixel_values": self.processor(images=[query])["pixel_values"]}
+        if _is_image(query):  # upright by its EXIF orientation, RGB from any mode
+            image = upright_rgb(query) if not isinstance(query, np.ndarray) else query
+            return {"pixel_values": self.processor(images=[image])["pixel_values"]}
         raise TypeError(f"{TASK}: a query is a string or an image (PIL or an HxWxC array), not {type(query).__name__}.")
 
     def _forward(self, model_inputs, top_k: int = 5, rerank: bool = True):

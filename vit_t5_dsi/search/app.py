@@ -16,16 +16,22 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, unless --host / --port say otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 
 from vit_t5_dsi import RETRIEVAL_TASK, ViTT5DSIProcessor, load_dsi_model
 from vit_t5_dsi.checkpoint.image_index_files import checkpoint_file
+from vit_t5_dsi.search.app_safety import (DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_QUEUE_SIZE, MAX_UPLOAD, RefusedQuery,
+                                   blocked_folders, check_text, read_upload, served_folders)
 from vit_t5_dsi.checkpoint.loading import RERANKER_SUBFOLDER
 from vit_t5_dsi.search.collection_images import images_for
+
+logger = logging.getLogger("app")
 
 DEFAULT_MODEL = "dsi_demo_output"
 EXAMPLE_QUERY = "a large red circle in the top left"
@@ -81,7 +87,9 @@ def unknown_words(tokenizer, text: str) -> list[str]:
 
 
 class SearchPage:
-    """What the page does with a query: results for the gallery and a message (never a stack trace)."""
+    """What the page does with a query: results for the gallery and a message (never a stack trace). Safe to call
+    from several threads: searches on the one pipeline run one at a time (a transformers pipeline keeps per-call
+    state and the model's generation is not re-entrant). Hostile input gets a message (`app_safety`)."""
 
     def __init__(self, search, image_dir: str | None = None, collection_images=None, images_note: str = ""):
         self.search, self.image_dir = search, image_dir
@@ -89,14 +97,26 @@ class SearchPage:
         self.has_files = search.image_index.image_files is not None
         # a collection held as bytes (parquet / Hub dataset): hits are decoded from it; else why there are no images
         self.collection_images, self.images_note = collection_images, images_note
+        self.lock = threading.Lock()
 
     def __call__(self, text: str | None, image, top_k: float):
+        try:
+            return self._answer(text, image, top_k)
+        except RefusedQuery as refused:
+            return [], str(refused)
+        except Exception as err:  # the page gets a message; the log keeps the traceback
+            logger.exception("search failed")
+            return [], f"The search failed ({type(err).__name__}). The server is still up; try another query."
+
+    def _answer(self, text, image, top_k):
         started = time.perf_counter()
-        top_k = max(1, min(int(top_k or 1), self.num_images))
-        text = (text or "").strip()
+        try:
+            top_k = max(1, min(int(float(top_k or 1)), self.num_images))
+        except (TypeError, ValueError, OverflowError):
+            top_k = min(5, self.num_images)
+        text, notes = check_text(text if isinstance(text, str) else "")
         if not text and image is None:
-            return [], "Type a caption, or upload an image, then press **Search**."
-        notes = []
+            return [], "\n\n".join(["Type a caption, or upload an image, then press **Search**.", *notes])
         if text:
             query = text
             unknown = unknown_words(self.search.tokenizer, text)
@@ -106,9 +126,10 @@ class SearchPage:
             if image is not None:
                 notes.append("Searching by the text; clear it to search by the uploaded image.")
         else:
-            query = image
+            query = read_upload(image)
         try:
-            hits = self.search(query, top_k=top_k)
+            with self.lock:
+                hits = self.search(query, top_k=top_k)
         except (ValueError, TypeError) as err:
             return [], f"Could not search: {err}"
         gallery, missing = [], []
@@ -159,17 +180,16 @@ def build_app(search, metrics_markdown: str, model_name: str, image_dir: str | N
             with gr.Column(scale=2):
                 gr.Markdown(metrics_markdown, elem_id="metrics")
         inputs, outputs = [text, image, top_k], [gallery, message]
-        button.click(page, inputs, outputs, api_name="search")
-        text.submit(page, inputs, outputs, api_name=False)
+        # preprocess=False: the page decodes uploads itself (app_safety.read_upload), so a bad file gets a message
+        # instead of Gradio's decoding error; Gradio still checks that an upload's path is one of its own
+        button.click(page, inputs, outputs, api_name="search", preprocess=False)
+        text.submit(page, inputs, outputs, api_name=False, preprocess=False)
     return app
 
 
 def allowed_roots(search, image_dir: str | None) -> list[str]:
     """The folders the web server may serve files from: the collection's images, nothing else."""
-    roots = [image_dir] if image_dir else []
-    if search.image_index.image_root:
-        roots.append(search.image_index.image_root)
-    return [os.path.abspath(root) for root in roots]
+    return served_folders(search, image_dir)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,6 +217,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Weight of the dense score against the generative one, in [0, 1].")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     parser.add_argument("--share", action="store_true", help="Also open a public Gradio share link.")
+    parser.add_argument("--concurrency_limit", type=int, default=DEFAULT_CONCURRENCY_LIMIT,
+                        help="Searches run at once (Gradio's queue); the pipeline serialises the model part anyway.")
+    parser.add_argument("--max_queue_size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                        help="Requests that may wait in the queue; more are refused with 'queue full'.")
     args = parser.parse_args(argv)
     if args.rerank_with is not None and args.rerank_with.lower() in ("auto", "none"):  # the earlier spellings
         if args.rerank_with.lower() == "none":
@@ -233,10 +257,14 @@ def main(argv=None) -> int:
     loaded = time.perf_counter()
     app = build_app(search, card_metrics(args.model), os.path.basename(os.path.normpath(args.model)), args.image_dir,
                     collection_images, images_note)
-    app.queue(default_concurrency_limit=1)  # one search at a time: generation is not thread-safe on one model
+    # one search at a time reaches the model (the page's lock); the queue bounds how many wait
+    app.queue(default_concurrency_limit=args.concurrency_limit, max_size=args.max_queue_size)
+    served = allowed_roots(search, args.image_dir)
+    blocked = blocked_folders([args.model, args.rerank_with], served)  # the model's dual_encoder/ lies inside it
     # host/port None: Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as hosting platforms expect
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_roots(
-        search, args.image_dir), show_error=True, quiet=False, prevent_thread_lock=True)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=served,
+               blocked_paths=blocked, max_file_size=MAX_UPLOAD, show_error=True, quiet=False,
+               prevent_thread_lock=True)
     print(f"Serving {time.perf_counter() - loaded:.1f} s after the model loaded.", flush=True)
     app.block_thread()
     return 0

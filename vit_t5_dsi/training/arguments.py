@@ -18,6 +18,7 @@ from ..checkpoint.errors import UsageError
 from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
                      TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
 
+
 @dataclass
 class ModelArguments:
     variant: Literal["cross_attention", "codebook", "dual_encoder"] = field(default="cross_attention", metadata={
@@ -205,10 +206,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = HfArgumentParser((ModelArguments, DataArguments, DSITrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=_bare_switches_set(argv))
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=_bare_switches_set(argv))
+    from .distributed import apply_collective_timeout
+    from .resume import resolve_latest_checkpoint
+
+    resolve_latest_checkpoint(parsed[2])
+
+    apply_collective_timeout(parsed[2].ddp_timeout)  # transformers applies it to GPU backends only
+    return parsed
 
 
 # Switches whose default depends on other flags (None = "not given"): HfArgumentParser makes an Optional[bool]

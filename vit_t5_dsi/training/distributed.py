@@ -47,6 +47,38 @@ def check_identical_on_every_process(value: Any, what: str) -> str:
     return mine
 
 
+def apply_collective_timeout(seconds: float) -> bool:
+    """Make every collective of this run's process group give up after `seconds` (--ddp_timeout), and explain
+    such a failure in one line before its traceback. Returns whether a process group was there to set.
+
+    transformers passes --ddp_timeout to the process group only for GPU backends: with --use_cpu (gloo) the group
+    keeps torch's 30-minute default, so a process whose peer hangs (stopped, swapped out, deadlocked) would wait
+    that long whatever the flag says. A peer that dies is noticed sooner: the launcher (accelerate launch,
+    torchrun) stops the others within seconds, and a collective on a closed connection fails at once."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.distributed_c10d._get_default_group().set_timeout(datetime.timedelta(seconds=seconds))
+    previous = sys.excepthook
+
+    def explain(kind, error, traceback):
+        text = str(error)
+        if isinstance(error, RuntimeError) and ("Timed out" in text or "Connection closed by peer" in text
+                                                or "Connection reset by peer" in text):
+            print(f"rank {dist.get_rank()}: another process of this run stopped answering (a collective "
+                  f"{'waited --ddp_timeout ' + format(seconds, 'g') + ' s' if 'Timed out' in text else 'lost its peer'}"
+                  "); this process stops too. Resume from the last checkpoint with --resume_from_checkpoint "
+                  "latest.", file=sys.stderr, flush=True)
+        previous(kind, error, traceback)
+
+    sys.excepthook = explain
+    return True
+
+
 def end_distributed_run() -> None:
     """Wait for every process, then tear the process group down before the interpreter exits.
 
@@ -62,4 +94,5 @@ def end_distributed_run() -> None:
         state.destroy_process_group()
 
 
-__all__ = ["broadcast_from_main", "digest", "check_identical_on_every_process", "end_distributed_run"]
+__all__ = ["broadcast_from_main", "digest", "check_identical_on_every_process", "apply_collective_timeout",
+           "end_distributed_run"]

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from ..checkpoint.atomic_io import atomic_write_text
 from ..checkpoint.errors import CollectionError
+from . import fault_points
 from .image_embeddings import map_images
 from ..checkpoint.checkpoint_files import PSEUDO_QUERIES_FILE
 from .recipe import pseudo_query_epochs, pseudo_query_fractions
@@ -123,6 +124,7 @@ def generate_pseudo_queries(model, keys: Sequence[str], images, processor, num_q
         tokens = model.caption(pixels, max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
                                num_return_sequences=num_queries, suppress_token_ids=suppress_token_ids)
         texts = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        fault_points.reached("pseudo_queries")
         return [texts[i:i + num_queries] for i in range(0, len(texts), num_queries)]
 
     sampled = map_images(model, keys, images, processor, sample, batch_size, device, desc, distributed)

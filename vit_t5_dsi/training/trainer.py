@@ -23,6 +23,8 @@ from transformers.trainer_pt_utils import nested_gather
 
 from ..data.rows import DSICollator, ImageSource
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
+from . import fault_points
+from .hub_push import HubPushMessages
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import example_query, render_model_card
@@ -87,7 +89,17 @@ class CollatorEpoch(TrainerCallback):
         self.collator.epoch = epoch_index(state)
 
 
-class DSITrainer(Seq2SeqTrainer):
+class FaultPointsCallback(TrainerCallback):
+    """`fault_points` between optimizer steps (only added when VIT_T5_DSI_KILL_AT is set)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault_points.reached(self.prefix + "step")
+
+
+class DSITrainer(HubPushMessages, Seq2SeqTrainer):
     """`DSITrainer(model, args, images=ImageSource(...), processing_class=processor, train_dataset=...,
     eval_dataset={"eval": queries, ...})`. The collator is built from the model's index, the images and the
     processor unless one is given; `args.retrieval_k` (default 10) sets the beams and the reported Hits@k."""
@@ -125,6 +137,8 @@ class DSITrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, **kwargs)
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(CollatorEpoch(self.data_collator))
+        if os.environ.get(fault_points.KILL_AT_VARIABLE):
+            self.add_callback(FaultPointsCallback(self._fault_prefix))
         self.images = images if images is not None else self.data_collator.images
         self.caption_references = caption_references or {}
         if reranker is not None and self.is_dual_encoder:
@@ -140,6 +154,10 @@ class DSITrainer(Seq2SeqTrainer):
     @property
     def is_dual_encoder(self) -> bool:
         return self.model.config.is_dual_encoder
+
+    @property
+    def _fault_prefix(self) -> str:  # the dense stage's moments are its own (fault_points)
+        return "dense_" if self.is_dual_encoder else ""
 
     # ----- evaluation --------------------------------------------------------------------------------
     @property
@@ -229,6 +247,7 @@ class DSITrainer(Seq2SeqTrainer):
         if self.reranker is not None and texts is not None:
             reranked = self.reranker.rerank(ranking, texts, model.image_index)
             positions = torch.stack([positions, torch.as_tensor(reranked.positions, device=gold.device)], dim=1)
+        fault_points.reached(self._fault_prefix + "evaluation")
         return None, positions, torch.stack([gold, query_id], dim=1)
 
     # ----- resuming ----------------------------------------------------------------------------------
@@ -265,6 +284,7 @@ class DSITrainer(Seq2SeqTrainer):
             super()._save_checkpoint(model, trial)
             # the steps not yet logged, averaged over processes as Trainer's logging does (a collective)
             pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+            fault_points.reached(self._fault_prefix + "checkpoint_save")  # Trainer's files written, no mark yet
             if self.is_world_process_zero():
                 for callback in self.callback_handler.callbacks:
                     if hasattr(callback, "save_to_checkpoint"):
@@ -295,7 +315,12 @@ class DSITrainer(Seq2SeqTrainer):
         the index first gets the embeddings of the weights being saved, so every checkpoint searches on its own."""
         if self.is_dual_encoder:
             self.index.embeddings = self._current_index_embeddings()
-        super().save_model(output_dir, _internal_call)
+        if _internal_call:  # a checkpoint's save (fault_points): before the model is written, and after
+            fault_points.reached(self._fault_prefix + "checkpoint_save")
+        with self.push_deferred(not _internal_call):  # Trainer pushes after a final save (hub_push)
+            super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            fault_points.reached(self._fault_prefix + "checkpoint_save")
 
     def _current_index_embeddings(self) -> torch.Tensor:
         """The index embeddings of the weights at this training step, computed once per step: the final save
