@@ -115,3 +115,76 @@ def assert_same_results(uninterrupted_dir, resumed_dir):
     if (uninterrupted_dir / "pseudo_queries.jsonl").exists():
         assert (uninterrupted_dir / "pseudo_queries.jsonl").read_text() == \
             (resumed_dir / "pseudo_queries.jsonl").read_text()
+
+
+def accelerate_launcher(num_processes: int = 2, port: int | None = None, script: bool = True) -> list[str]:
+    """`accelerate launch` of the multi-process CPU tests (gloo), followed by run_dsi_image.py unless `script` is
+    False; `port` keeps concurrent launches apart."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if port is not None:
+        command += ["--main_process_port", str(port)]
+    return command + ([os.path.join(ROOT, "run_dsi_image.py")] if script else [])
+
+
+# ----- shared helpers of several test modules --------------------------------------------------------------------
+def write_images(directory, names, size=16):
+    """Small solid-colour images named `names` in `directory`."""
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (size, size), (i * 20 % 255, 100, 50)).save(os.path.join(directory, name))
+
+
+
+
+def tiny_args(tmp_path, *extra, images=40, epochs=1):
+    """A tiny run on the built-in demo collection: semantic ids from the model's own tower, no dense stage, no
+    captioning, unless `extra` says otherwise (the default recipe trains two models and a captioner;
+    `test_the_default_recipe_learns` runs it)."""
+    return ["--docid_scheme", "semantic", "--dense_first", "False", "--captioning_ratio", "0", "--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
+            "--demo_num_images", str(images), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
+            "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True", "--save_strategy", "no",
+            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
+            "--logging_steps", "5", *extra]
+
+
+def run_script(args, env=None, timeout=600, launcher=None):
+    command = (launcher or [sys.executable, os.path.join(ROOT, "run_dsi_image.py")]) + args
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def splits_of_scenes(directory, count: int = 23):
+    from vit_t5_dsi.data.collection import load_karpathy
+    from vit_t5_dsi.data.splits import build_dsi_splits
+    from vit_t5_dsi.data.synthetic_scenes import generate_scenes
+
+    path = generate_scenes(str(directory), count, image_size=32, seed=0, progress=False)
+    return build_dsi_splits(load_karpathy(path, str(directory / "images")), seen_captions_per_image=1)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """23 synthetic scenes split by the protocol (a module-scoped fixture of the trainer-level tests)."""
+    return splits_of_scenes(tmp_path_factory.mktemp("scenes"))
+
+
+def make_trainer(tmp_path, splits, tokenizer, variant, **args):
+    """A DSITrainer over `splits` with a tiny untrained model of `variant` and naive ids; `args` are training
+    arguments."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from vit_t5_dsi import ViTT5DSIProcessor, build_image_index, model_class_for_variant
+    from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
+    from vit_t5_dsi.training.trainer import DSITrainer
+
+    model = model_class_for_variant(variant)(tiny_config(variant))
+    model.image_index = build_image_index(splits.index["image_key"][:], tokenizer, "naive")
+    processor = ViTT5DSIProcessor.for_model(model.config, tokenizer)
+    arguments = Seq2SeqTrainingArguments(**{"output_dir": str(tmp_path / "out"), "per_device_eval_batch_size": 4,
+                                            "per_device_train_batch_size": 8, "report_to": "none", "use_cpu": True,
+                                            "disable_tqdm": True, **args})
+    return DSITrainer(model=model, args=arguments, images=ImageSource(splits.index), processing_class=processor,
+                      train_dataset=training_stream(splits, variant), eval_dataset=evaluation_sets(splits))

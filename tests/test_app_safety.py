@@ -13,7 +13,7 @@ from PIL import Image
 
 import run_dsi_image
 from app_browser import RunningApp
-from test_run_dsi_image import tiny_args
+from conftest import tiny_args
 
 QUERY = "a large red circle in the top left"
 QUERIES = [QUERY, "a small blue square", "a green triangle at the bottom right", "a yellow star", "purple cross"]

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import run_dsi_image
-from conftest import tiny_config
-from test_data import write_images
-from test_run_dsi_image import ROOT, tiny_args
+from conftest import ROOT, tiny_args, tiny_config, write_images
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration
 from vit_t5_dsi.data.rows import CAPTIONING, PSEUDO_QUERY, RETRIEVAL, DSICollator, training_stream

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import run_dsi_image
-from conftest import tiny_config
-from test_run_dsi_image import tiny_args
+from conftest import tiny_args, tiny_config
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import DSIRetriever, ImageIndex, ViTT5DSIForConditionalGeneration, load_dsi_model
 

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_images
 from PIL import Image
 
 from vit_t5_dsi.identifiers.build import build_image_index
@@ -12,12 +13,6 @@ from vit_t5_dsi.data.collection import CollectionError, check_images, load_hub_p
 from vit_t5_dsi.data.splits import build_dsi_splits
 from vit_t5_dsi.checkpoint.image_processing import load_rgb, to_rgb
 from vit_t5_dsi.data.synthetic_scenes import generate_scenes, sample_scenes
-
-
-def write_images(directory, names, size=16):
-    os.makedirs(directory, exist_ok=True)
-    for i, name in enumerate(names):
-        Image.new("RGB", (size, size), (i * 20 % 255, 100, 50)).save(os.path.join(directory, name))
 
 
 def karpathy(tmp_path, entries, images=True):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import run_dsi_image
-from test_run_dsi_image import tiny_args
+from conftest import accelerate_launcher, run_script, tiny_args
 
 RECIPE = ("--docid_scheme", "rq", "--dense_first", "--rerank_with", "dense_first", "--rq_codes_per_level", "4")
 
@@ -228,14 +228,9 @@ def test_epochs_default_to_the_demo_schedule_only_on_the_demo():
 def test_recipe_under_two_processes_matches_one_process(recipe_run, tmp_path):
     """The whole recipe trains under DDP; evaluating its checkpoint with re-ranking on two processes (padded last
     batches, query texts travelling with the batches) gives exactly the one-process figures."""
-    import os
-    import sys
 
-    from test_run_dsi_image import ROOT, run_script
 
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                os.path.join(ROOT, "run_dsi_image.py")]
+    launcher = accelerate_launcher()
     trained = run_script(tiny_args(tmp_path / "train", *RECIPE, "--use_cpu", "True", "--max_steps", "3"),
                          launcher=launcher, env={"MASTER_PORT": "29547"})
     assert trained.returncode == 0, trained.stderr[-4000:]

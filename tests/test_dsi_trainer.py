@@ -6,32 +6,10 @@ import pytest
 import torch
 from transformers import Seq2SeqTrainingArguments
 
-from conftest import tiny_config
-from vit_t5_dsi.identifiers.build import build_image_index
-from vit_t5_dsi import ImageIndex, ViTT5DSIProcessor, model_class_for_variant
-from vit_t5_dsi.data.collection import load_karpathy
-from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
-from vit_t5_dsi.data.splits import build_dsi_splits
+from conftest import make_trainer, tiny_config
+from vit_t5_dsi import ViTT5DSIProcessor, model_class_for_variant
+from vit_t5_dsi.data.rows import ImageSource, evaluation_sets
 from vit_t5_dsi.training.trainer import DSITrainer
-from vit_t5_dsi.data.synthetic_scenes import generate_scenes
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("scenes")
-    path = generate_scenes(str(directory), 23, image_size=32, seed=0, progress=False)
-    return build_dsi_splits(load_karpathy(path, str(directory / "images")), seen_captions_per_image=1)
-
-
-def make_trainer(tmp_path, splits, tokenizer, variant, **args):
-    model = model_class_for_variant(variant)(tiny_config(variant))
-    model.image_index = build_image_index(splits.index["image_key"][:], tokenizer, "naive")
-    processor = ViTT5DSIProcessor.for_model(model.config, tokenizer)
-    arguments = Seq2SeqTrainingArguments(**{"output_dir": str(tmp_path / "out"), "per_device_eval_batch_size": 4,
-                                            "per_device_train_batch_size": 8, "report_to": "none", "use_cpu": True,
-                                            "disable_tqdm": True, **args})
-    return DSITrainer(model=model, args=arguments, images=ImageSource(splits.index), processing_class=processor,
-                      train_dataset=training_stream(splits, variant), eval_dataset=evaluation_sets(splits))
 
 
 @pytest.mark.parametrize("variant", ["cross_attention", "codebook", "dual_encoder"])

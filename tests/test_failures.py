@@ -4,14 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 import run_dsi_image
-from conftest import ROOT
-from test_run_dsi_image import tiny_args
+from conftest import ROOT, accelerate_launcher, tiny_args
 from vit_t5_dsi.checkpoint.loading import load_dsi_model
 from vit_t5_dsi.training.hub_push import HubPushError
 
@@ -76,9 +74,7 @@ def ddp_run(tmp_path, port):
     """A 2-process CPU run (gloo) under accelerate launch, long enough to be caught training."""
     args = tiny_args(tmp_path, "--max_steps", "100000", "--logging_steps", "1", "--use_cpu", "True",
                      "--ddp_timeout", str(DDP_TIMEOUT))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(port)]
+    launcher = accelerate_launcher(port=port, script=False)
     log = open(tmp_path / "run.log", "w")
     process = subprocess.Popen(launcher + [os.path.join(ROOT, "run_dsi_image.py"), *args], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import run_dsi_image
 from app_browser import RunningApp, browser_missing, headless_chromium, search_in_browser
-from test_run_dsi_image import ROOT, tiny_args
+from conftest import ROOT, tiny_args
 
 TASK = "text-to-image-retrieval"
 QUERY = "a large red circle in the top left"

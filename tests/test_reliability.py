@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import run_dsi_image
-from conftest import tiny_config
-from test_dsi_trainer import make_trainer, splits  # noqa: F401  (splits is a fixture make_trainer's callers use)
-from test_run_dsi_image import tiny_args
+from conftest import make_trainer, tiny_args, tiny_config
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor, load_dsi_model
 from vit_t5_dsi.checkpoint.atomic_io import (STAGING_PREFIX, DiskFullError, atomic_write, atomic_write_text, disk_full_error,

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RECIPE, ROOT, assert_same_results, tiny_config
+from conftest import RECIPE, ROOT, accelerate_launcher, assert_same_results, make_trainer, tiny_config
 from conftest import run_training as _run, tiny_run_args as _tiny_run
-from test_dsi_trainer import make_trainer, splits  # noqa: F401  (a fixture)
 from vit_t5_dsi import ImageIndex, model_class_for_variant
 from vit_t5_dsi.training.trainer import CheckpointMismatchError, load_checkpoint_weights
 from vit_t5_dsi.checkpoint.loading import load_dsi_model
@@ -107,8 +106,7 @@ def test_a_dense_stage_killed_mid_run_resumes_to_the_same_results(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_resume_to_the_same_results(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = accelerate_launcher(script=False)
     data = tmp_path / "data"
     resume_from_a_copy(tmp_path, lambda out: _tiny_run(out, data, "--docid_scheme", "semantic", "--captioning_ratio",
                                                        "0.5", "--pseudo_query_epochs", "1", "--augment", "True",

@@ -12,27 +12,9 @@ import numpy as np
 import pytest
 
 import run_dsi_image
+from conftest import ROOT, accelerate_launcher, run_script, tiny_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = [f"{p}_{m}" for p in ("eval", "seen", "index") for m in ("hits@1", "hits@5", "hits@10", "mrr@10")]
-
-
-def tiny_args(tmp_path, *extra, images=40, epochs=1):
-    """A tiny run on the built-in demo collection: semantic ids from the model's own tower, no dense stage, no
-    captioning, unless `extra` says otherwise (the default recipe trains two models and a captioner;
-    `test_the_default_recipe_learns` runs it)."""
-    return ["--docid_scheme", "semantic", "--dense_first", "False", "--captioning_ratio", "0", "--output_dir", str(tmp_path / "out"), "--demo_dir", str(tmp_path / "data"),
-            "--demo_num_images", str(images), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
-            "16", "--per_device_eval_batch_size", "16", "--disable_tqdm", "True", "--save_strategy", "no",
-            "--semantic_max_leaf_size", "8", "--semantic_num_clusters", "4", "--tokenizer_vocab_size", "200",
-            "--logging_steps", "5", *extra]
-
-
-def run_script(args, env=None, timeout=600, launcher=None):
-    command = (launcher or [sys.executable, os.path.join(ROOT, "run_dsi_image.py")]) + args
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
 
 @pytest.mark.parametrize("variant, scheme", [("cross_attention", "semantic"), ("codebook", "naive"),
                                              ("dual_encoder", "naive")])
@@ -132,9 +114,7 @@ def test_two_processes_count_every_query_once(tmp_path):
     eval_args = ["--model_name_or_path", checkpoint, "--do_train", "False", "--output_dir", str(tmp_path / "ddp"),
                  "--demo_dir", str(tmp_path / "data"), "--demo_num_images", "70", "--per_device_eval_batch_size", "5",
                  "--disable_tqdm", "True", "--use_cpu", "True"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                os.path.join(ROOT, "run_dsi_image.py")]
+    launcher = accelerate_launcher()
     result = run_script(eval_args, launcher=launcher, env={"MASTER_PORT": "29533"})
     assert result.returncode == 0, result.stderr[-4000:]
     distributed = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
@@ -151,9 +131,7 @@ def test_two_processes_count_every_query_once(tmp_path):
 @pytest.mark.parametrize("scheme", ["semantic", "atomic"])
 def test_two_processes_train(tmp_path, scheme):
     """Both processes train on the ids the main process built (atomic ids also add tokens on every process)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                os.path.join(ROOT, "run_dsi_image.py")]
+    launcher = accelerate_launcher()
     result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "4", "--docid_scheme", scheme),
                         launcher=launcher, env={"MASTER_PORT": "29534" if scheme == "semantic" else "29535"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -168,9 +146,7 @@ def test_two_processes_train(tmp_path, scheme):
 @pytest.mark.slow
 def test_two_process_runs_exit_cleanly_every_time(tmp_path):
     """Both ranks exit 0 (no SIGABRT from a process group left alive at interpreter exit), progress bars on."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                os.path.join(ROOT, "run_dsi_image.py")]
+    launcher = accelerate_launcher()
     for attempt in range(3):
         args = tiny_args(tmp_path, "--use_cpu", "True", "--max_steps", "6", "--overwrite_output_dir", "True",
                          "--disable_tqdm", "False", "--max_index_eval_images", "10")
@@ -330,9 +306,7 @@ def test_indexing_evaluation_can_be_turned_off(tmp_path):
 @pytest.mark.slow
 def test_two_processes_write_pseudo_queries_during_training(tmp_path):
     """Each process captions its share of the images; both train on the same, complete set."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                os.path.join(ROOT, "run_dsi_image.py")]
+    launcher = accelerate_launcher()
     result = run_script(tiny_args(tmp_path, "--use_cpu", "True", "--num_train_epochs", "3", "--captioning_ratio", "0.5",
                                   "--pseudo_query_epochs", "1", "--num_pseudo_queries", "3",
                                   "--pseudo_query_images", "all"),

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CAPTIONS, tiny_config
-from test_run_dsi_image import ROOT
+from conftest import CAPTIONS, ROOT, tiny_config
 from vit_t5_dsi import DSIRetriever, ViTT5DSIProcessor, build_image_index, load_dsi_model, model_class_for_variant
 from vit_t5_dsi.checkpoint.loading import load_dense_reranker
 

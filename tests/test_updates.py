@@ -11,7 +11,7 @@ from PIL import Image
 
 import run_dsi_image
 import update_index
-from test_run_dsi_image import tiny_args
+from conftest import tiny_args
 from vit_t5_dsi import DSIRetriever, ImageIndex, add_images, build_image_index, load_dsi_model, remove_images
 from vit_t5_dsi.checkpoint.errors import UsageError
 from vit_t5_dsi.identifiers.new_ids import ids_for_new_images
