@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint_files import DUAL_ENCODER_SUBFOLDER
 from .configuration_vit_t5_dsi import DUAL_ENCODER, ViTT5DSIConfig
+from .errors import cannot_rerank_a_dual_encoder
 from .dense_reranking import DenseReranker
 from .image_index_files import HUB_KWARGS, checkpoint_file
 from .modeling_vit_t5_dsi import ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration, ViTT5DSIPreTrainedModel
@@ -89,7 +90,7 @@ def resolve_reranker(name_or_path: str | None, config, rerank: bool | None = Non
         raise ValueError(f"rerank=False turns re-ranking off, but rerank_with={rerank_with!r} asks for it.")
     if config.is_dual_encoder:
         if rerank_with is not None or rerank:
-            raise ValueError("Re-ranking re-orders a generative model's top-k; a dual encoder ranks by itself.")
+            raise ValueError(cannot_rerank_a_dual_encoder())
         return None
     if rerank_with is not None:
         return load_dense_reranker(rerank_with, rerank_weight, device)

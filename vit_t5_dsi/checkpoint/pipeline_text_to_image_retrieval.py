@@ -17,6 +17,7 @@ import torch
 from transformers import Pipeline
 
 from .configuration_vit_t5_dsi import RETRIEVAL_TASK
+from .errors import NO_IMAGE_INDEX
 from .loading import RERANKER_SUBFOLDER, resolve_reranker
 from .query_checks import clean_text, upright_rgb
 from .ranking import rank_queries
@@ -65,8 +66,7 @@ class TextToImageRetrievalPipeline(Pipeline):
             raise ValueError(f"The {TASK} pipeline needs the checkpoint's processor (processor_config.json).")
         index = getattr(self.model, "image_index", None)
         if index is None:
-            raise ValueError("This model has no image index (image_index.json): it was never trained on a "
-                             "collection, so there is nothing to retrieve.")
+            raise ValueError(NO_IMAGE_INDEX)
         # transformers pads batched inputs with these two
         self.tokenizer = self.tokenizer or self.processor.tokenizer
         self.image_processor = self.image_processor or self.processor.image_processor

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.dense_reranking import DenseReranker
+from ..checkpoint.errors import NO_IMAGE_INDEX, cannot_rerank_a_dual_encoder
 from ..checkpoint.image_index_files import EMBEDDINGS_FILE_NAME
 from ..checkpoint.loading import RERANKER_SUBFOLDER, load_dsi_model, resolve_reranker
 from ..checkpoint.modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel
@@ -31,7 +32,7 @@ class DSIRetriever:
                  reranker: DenseReranker | None = None, image_dir: str | None = None):
         index = model.image_index
         if index is None:
-            raise ValueError("This model has no image index (image_index.json): it was never trained on a collection.")
+            raise ValueError(NO_IMAGE_INDEX)
         if model.config.is_dual_encoder and index.embeddings is None:
             raise ValueError(f"A dual-encoder retriever needs the indexed images' embeddings ({EMBEDDINGS_FILE_NAME}).")
         index.check_tokenizer(processor.tokenizer)
@@ -39,7 +40,7 @@ class DSIRetriever:
         self.image_embeddings = index.embeddings.to(model.device) if index.embeddings is not None else None
         if reranker is not None:
             if model.config.is_dual_encoder:
-                raise ValueError("A reranker re-orders a generative model's top-k; the dual encoder ranks by itself.")
+                raise ValueError(cannot_rerank_a_dual_encoder("A reranker"))
             reranker.to(model.device).embeddings_for(index)  # every indexed image must have a dense embedding
         self.reranker = reranker
 

@@ -14,7 +14,7 @@ from typing import Literal
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
-from ..checkpoint.errors import UsageError
+from ..checkpoint.errors import UsageError, cannot_rerank_a_dual_encoder
 from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
                      TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
 
@@ -285,7 +285,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                          f"{model_args.dense_first_epochs}.")
     if model_args.rerank_with is not None:
         if not generative:
-            raise UsageError("--rerank_with re-ranks a generative model's beam: the dual encoder ranks by itself.")
+            raise UsageError(cannot_rerank_a_dual_encoder("--rerank_with"))
         if model_args.rerank_with == "dense_first" and not model_args.dense_first:
             raise UsageError("--rerank_with dense_first needs --dense_first (the dual encoder that run trains).")
     if not 0.0 <= model_args.rerank_weight <= 1.0:

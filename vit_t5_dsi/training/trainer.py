@@ -22,6 +22,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
 from ..data.rows import DSICollator, ImageSource
+from ..checkpoint.errors import cannot_rerank_a_dual_encoder
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from . import fault_points
 from .hub_push import HubPushMessages
@@ -142,7 +143,7 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         self.images = images if images is not None else self.data_collator.images
         self.caption_references = caption_references or {}
         if reranker is not None and self.is_dual_encoder:
-            raise ValueError("A reranker re-orders a generative model's beam; the dual encoder ranks by itself.")
+            raise ValueError(cannot_rerank_a_dual_encoder("A reranker"))
         self.reranker = reranker.to(self.args.device) if reranker is not None else None
         self._image_embeddings = None
         self._embedded_at_step = None
