@@ -289,6 +289,14 @@ def test_usage_errors_print_one_line_and_exit_2(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--do_predict", "True"), ("--predict_with_generate", "True"),
+                                         ("--generation_num_beams", "4"), ("--generation_max_length", "8")])
+def test_trainer_flags_that_would_do_nothing_are_refused(tmp_path, flag, value):
+    with pytest.raises(run_dsi_image.UsageError, match=f"{flag} has no effect here"):
+        run_dsi_image.main(tiny_args(tmp_path, flag, value))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--retrieval_k", "50"], "--retrieval_k 50 is larger than the 40 indexed images"),
     (["--heldout_splits", "train,test,val"], "Every image of .* is held out"),

@@ -331,6 +331,18 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
     if training_args.fp16 and model_args.variant != DUAL_ENCODER and not training_args.allow_fp16_t5:
         raise UsageError("--fp16 with T5 overflows (NaN losses): use --bf16, or fp32 on GPUs without bf16. "
                          "Pass --allow_fp16_t5 to try anyway.")
+    # Seq2SeqTrainingArguments flags this script has no use for: refused, not silently ignored
+    for flag, value, why in (
+            ("--do_predict", training_args.do_predict,
+             "there is no test split; --do_eval evaluates the held-out, seen and indexing queries"),
+            ("--predict_with_generate", training_args.predict_with_generate,
+             "every evaluation already writes identifiers under the constraint"),
+            ("--generation_num_beams", training_args.generation_num_beams,
+             "the beams are --retrieval_k, one per image returned"),
+            ("--generation_max_length", training_args.generation_max_length,
+             "the longest identifier sets the length")):
+        if value:
+            raise UsageError(f"{flag} has no effect here: {why}.")
     if training_args.remove_unused_columns:
         raise UsageError("--remove_unused_columns must stay False: the collator reads image_key/caption/kind.")
     if training_args.hub_token:
