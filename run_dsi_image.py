@@ -95,7 +95,8 @@ def main(argv=None) -> dict[str, float]:
         train_dataset=train_dataset, eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
         pseudo_queries=pseudo_queries, caption_references=references if captioning else None,
         callbacks=[refresh] if refresh is not None else None,
-        reranker=reranker if model_args.rerank_with is not None else None, image_cache_mb=data_args.image_cache_mb)
+        reranker=reranker if model_args.rerank_with is not None else None, image_cache_mb=data_args.image_cache_mb,
+        queries_during_training=data_args.eval_queries_during_training)
     metrics = train_and_evaluate(trainer, training_args, dense.metrics if dense else None)
 
     # 8. the run's record beside the model: card, protocol.json, pseudo-queries; the push

@@ -354,3 +354,19 @@ def test_the_default_recipe_learns(tmp_path):
     assert protocol["pseudo_queries"]["filter_top_k"] == 1 and protocol["pseudo_queries"]["num_images"] > 0
     dense_state = json.loads((tmp_path / "out" / "dual_encoder" / "trainer_state.json").read_text())
     assert dense_state["epoch"] == pytest.approx(60 * 2 / 3, abs=0.5)  # the dense budget follows the generative one
+
+
+def test_max_samples_cap_training_captions_and_evaluation_queries(tmp_path):
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--max_train_samples", "10", "--max_eval_samples", "5"))
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["num_train_queries"] == 10 and protocol["num_indexed"] == 40  # every image still indexed
+    assert metrics["eval_num_queries"] == 5 and metrics["seen_num_queries"] <= 5
+
+
+def test_evaluation_during_training_samples_and_the_final_one_ranks_every_query(tmp_path):
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--eval_strategy", "epoch", "--eval_queries_during_training",
+                                           "3", epochs=2))
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    during = [entry for entry in state["log_history"] if "eval_num_queries" in entry]
+    assert len(during) == 2 and all(entry["eval_num_queries"] == 3 for entry in during)
+    assert metrics["eval_num_queries"] > 3

@@ -33,12 +33,28 @@ class DSISplits:
         return (f"{len(self.index)} images indexed, {len(self.train_queries)} training captions, "
                 f"{len(self.eval_queries)} held-out-image queries, {len(self.seen_queries)} seen-image queries")
 
+    def sampled(self, max_train_queries: int | None, max_eval_queries: int | None, seed: int) -> "DSISplits":
+        """These splits with at most `max_train_queries` training captions and `max_eval_queries` held-out and
+        seen queries each (a seeded sample; None keeps all). The indexed images stay all of them."""
+        train = sample_rows(self.train_queries, max_train_queries, seed) if max_train_queries else self.train_queries
+        held, seen = ((sample_rows(rows, max_eval_queries, seed) for rows in (self.eval_queries, self.seen_queries))
+                      if max_eval_queries else (self.eval_queries, self.seen_queries))
+        return DSISplits(self.index, train, held, seen)
+
     def held_out_captions(self) -> dict[str, list[str]]:
         """Held-out image key -> its real captions: the references of caption-quality metrics (never trained on)."""
         references: dict[str, list[str]] = {}
         for key, caption in zip(self.eval_queries["image_key"][:], self.eval_queries["caption"][:]):
             references.setdefault(key, []).append(caption)
         return references
+
+
+def sample_rows(rows: datasets.Dataset, count: int, seed: int) -> datasets.Dataset:
+    """`count` rows of `rows` chosen by `seed` (the same ones every time), in their original order."""
+    if count >= len(rows):
+        return rows
+    chosen = np.sort(np.random.default_rng(seed).choice(len(rows), count, replace=False))
+    return rows.select(chosen.tolist())
 
 
 def _captions(keys, captions) -> datasets.Dataset:

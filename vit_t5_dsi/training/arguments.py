@@ -122,6 +122,15 @@ class DataArguments:
     max_index_eval_images: int = field(default=1000, metadata={
         "help": "Indexing accuracy (index_hits@k) is measured on at most this many indexed images (0 = not "
                 "measured)."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Train on at most this many training captions (a seeded sample; every image is still indexed): a "
+                "quick run on a large collection."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Every evaluation ranks at most this many held-out and seen queries each (a seeded sample). Figures "
+                "to publish need all of them."})
+    eval_queries_during_training: int = field(default=500, metadata={
+        "help": "Evaluations during training (--eval_strategy steps|epoch) rank at most this many queries per set "
+                "(the same seeded sample each time); the evaluation after training ranks them all. 0 = all."})
     max_caption_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
     captioning_ratio: float | None = field(default=None, metadata={
         "help": "Generative variants: captioning rows (image -> caption, the seed's first step) per training caption "
@@ -257,6 +266,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
     if data_args.max_index_eval_images < 0:
         raise UsageError(f"--max_index_eval_images must be >= 0 (0 = no indexing evaluation), got "
                          f"{data_args.max_index_eval_images}.")
+    for flag, value in (("--max_train_samples", data_args.max_train_samples),
+                        ("--max_eval_samples", data_args.max_eval_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}.")
+    if data_args.eval_queries_during_training < 0:
+        raise UsageError(f"--eval_queries_during_training must be >= 0 (0 = all), got "
+                         f"{data_args.eval_queries_during_training}.")
     if data_args.indexing_ratio is not None and not 0.0 < data_args.indexing_ratio <= 1.0:
         raise UsageError(f"--indexing_ratio must be in (0, 1], got {data_args.indexing_ratio}.")
     if model_args.semantic_num_clusters < 2:

@@ -92,7 +92,8 @@ def _train_dual_encoder(model_args, data_args, training_args, collection, splits
     trainer = DSITrainer(model=model, args=training_args, images=images, processing_class=processor,
                          augment=data_args.augment, train_dataset=train_dataset,
                          eval_dataset=evaluation_sets(splits, data_args.max_index_eval_images),
-                         image_cache_mb=data_args.image_cache_mb)
+                         image_cache_mb=data_args.image_cache_mb,
+                         queries_during_training=data_args.eval_queries_during_training)
     metrics = train_and_evaluate(trainer, training_args)
     record = protocol(collection=collection, splits=splits, model=model, model_args=model_args, data_args=data_args,
                       dense_dir=None, rows_per_epoch=len(train_dataset) if train_dataset is not None else 0,

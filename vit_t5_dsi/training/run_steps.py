@@ -64,7 +64,8 @@ def load_collection_and_splits(data_args, training_args):
                               progress=training_args.should_log and not training_args.disable_tqdm)
     splits = build_dsi_splits(collection, data_args.num_index_images, data_args.num_eval_images,
                               data_args.seen_captions_per_image, tuple(data_args.heldout_splits.split(",")),
-                              training_args.seed)
+                              training_args.seed).sampled(data_args.max_train_samples, data_args.max_eval_samples,
+                                                          training_args.seed)
     logger.info("Protocol: %s", splits.summary())
     if training_args.do_train and len(splits.train_queries) == 0:
         raise UsageError(f"Every image of {collection.source} is held out (--heldout_splits "

@@ -22,6 +22,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
 from ..data.rows import DSICollator, ImageSource
+from ..data.splits import sample_rows
 from ..checkpoint.errors import cannot_rerank_a_dual_encoder
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from . import fault_points
@@ -108,12 +109,14 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
     def __init__(self, model=None, args=None, *, images: ImageSource | None = None, augment: bool = False,
                  retrieval_k: int | None = None, pseudo_queries=None,
                  caption_references: dict[str, list[str]] | None = None, reranker=None,
-                 image_cache_mb: float = 4096, **kwargs):
+                 image_cache_mb: float = 4096, queries_during_training: int = 0, **kwargs):
         """`pseudo_queries`: the `PseudoQueries` that fill pseudo-query rows (refreshed in place during training).
         `caption_references`: held-out image key -> its real captions; with a captioning model, every full
         evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images. `reranker`: a
         `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`).
-        `image_cache_mb`: the collator's budget for decoded images (`DecodedImages`)."""
+        `image_cache_mb`: the collator's budget for decoded images (`DecodedImages`). `queries_during_training`:
+        evaluations during training rank at most this many queries per set (a fixed sample; 0 = all); the
+        evaluation after training ranks them all."""
         if model is None or getattr(model, "image_index", None) is None:
             raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
@@ -124,6 +127,7 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
             logger.info("DSITrainer sets remove_unused_columns=False: its collator reads image_key/caption/kind.")
             args.remove_unused_columns = False
         self.retrieval_k = retrieval_k or getattr(args, "retrieval_k", 10)
+        self.queries_during_training = queries_during_training
         if self.retrieval_k > len(model.image_index):
             raise ValueError(f"retrieval_k={self.retrieval_k} is larger than the {len(model.image_index)} indexed "
                              "images.")
@@ -184,6 +188,8 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
             metrics = {}
             for prefix, dataset in self.eval_sets.items():
+                if self.is_in_train and 0 < self.queries_during_training < len(dataset):
+                    dataset = sample_rows(dataset, self.queries_during_training, self.args.seed)
                 metrics.update(super().evaluate(dataset, ignore_keys, prefix, **gen_kwargs))
             captions = self.evaluate_captions()
             if captions:
