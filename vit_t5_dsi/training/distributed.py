@@ -66,11 +66,14 @@ def apply_collective_timeout(seconds: float) -> bool:
     previous = sys.excepthook
 
     def explain(kind, error, traceback):
-        text = str(error)
-        if isinstance(error, RuntimeError) and ("Timed out" in text or "Connection closed by peer" in text
-                                                or "Connection reset by peer" in text):
+        text = str(error).lower()
+        # gloo words a timeout "Timed out ..." or, when it strikes inside backward's all-reduce, "Application
+        # timeout caused pair closure"
+        timed_out = "timed out" in text or "timeout" in text
+        if isinstance(error, RuntimeError) and (timed_out or "connection closed by peer" in text
+                                                or "connection reset by peer" in text):
             print(f"rank {dist.get_rank()}: another process of this run stopped answering (a collective "
-                  f"{'waited --ddp_timeout ' + format(seconds, 'g') + ' s' if 'Timed out' in text else 'lost its peer'}"
+                  f"{'waited --ddp_timeout ' + format(seconds, 'g') + ' s' if timed_out else 'lost its peer'}"
                   "); this process stops too. Resume from the last checkpoint with --resume_from_checkpoint "
                   "latest.", file=sys.stderr, flush=True)
         previous(kind, error, traceback)
