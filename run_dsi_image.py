@@ -6,6 +6,8 @@
         --vision_model_name_or_path google/vit-base-patch16-224-in21k --text_model_name_or_path t5-base \\
         --num_index_images 10000 --num_eval_images 2000 --bf16 --output_dir dsi-flickr30k
     python run_dsi_image.py config.yaml                     # every flag from one JSON or YAML file
+    python run_dsi_image.py --model_name_or_path CKPT --do_train False --validation_file queries.jsonl \
+        --output_dir eval_queries                           # a trained checkpoint on new queries
 
 Every flag is documented in `--help`. This script holds the wiring; the logic lives in the `vit_t5_dsi` package.
 A usage error (bad data, a bad flag combination) prints one line and exits with status 2.
@@ -24,6 +26,7 @@ from vit_t5_dsi.training.arguments import check_arguments, parse_args
 from vit_t5_dsi.training.dense_stage import dense_reranker, start_from_dense, train_dense_stage
 from vit_t5_dsi.training.distributed import end_distributed_run
 from vit_t5_dsi.training.pseudo_queries import RoundTripFilter, pseudo_queries_for, pseudo_query_slots
+from vit_t5_dsi.training.query_file_evaluation import evaluate_query_file
 from vit_t5_dsi.training.recipe import resolve_recipe
 from vit_t5_dsi.training.run_identifiers import attach_index, identifiers_for
 from vit_t5_dsi.training.run_record import protocol, write_run_record
@@ -46,7 +49,11 @@ def main(argv=None) -> dict[str, float]:
     logger.info("world size %d, device %s, variant %s", training_args.world_size, training_args.device,
                 model_args.variant)
 
-    # 2. data: the collection and the protocol's splits
+    # 2. data: the collection and the protocol's splits (a query file's evaluation needs only the checkpoint)
+    if data_args.evaluates_query_file:
+        metrics = evaluate_query_file(model_args, data_args, training_args)
+        end_distributed_run()
+        return metrics
     collection, splits = load_collection_and_splits(data_args, training_args)
     images = ImageSource(splits.index)
 

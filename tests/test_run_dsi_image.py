@@ -125,6 +125,11 @@ def test_two_processes_count_every_query_once(tmp_path):
     assert distributed["eval_num_queries"] == 42
     for key in METRIC_KEYS:
         assert distributed[key] == pytest.approx(reference[key], abs=1e-9), key
+    for prefix in ("eval", "seen", "index"):  # every query once, in its set's order, as one process wrote them
+        ranked = [(r["query_id"], [h["image_key"] for h in r["top_k"]]) for r in
+                  map(json.loads, (tmp_path / "ddp" / f"{prefix}_predictions.jsonl").read_text().splitlines())]
+        assert ranked == [(r["query_id"], [h["image_key"] for h in r["top_k"]]) for r in
+                          map(json.loads, (tmp_path / "out" / f"{prefix}_predictions.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.slow

@@ -33,7 +33,8 @@ PROTOCOL_FILE = "protocol.json"
 PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
 UPDATES_FILE = "index_updates.json"  # images added and removed after training (`vit_t5_dsi.updates`), oldest first
 RUN_RECORD_FILES = (ALL_RESULTS_FILE, "train_results.json", "eval_results.json", "dense_results.json", PROTOCOL_FILE,
-                    "trainer_state.json", PSEUDO_QUERIES_FILE, UPDATES_FILE)
+                    "trainer_state.json", PSEUDO_QUERIES_FILE, UPDATES_FILE, "eval_predictions.jsonl",
+                    "seen_predictions.jsonl", "index_predictions.jsonl")
 
 CODE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 

@@ -15,8 +15,8 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
 from ..checkpoint.errors import UsageError, cannot_rerank_a_dual_encoder
-from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
-                     TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
+from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, OWN_DUAL_ENCODER, RECIPE_PSEUDO_QUERIES,
+                     SEMANTIC_MAX_LEAF_SIZE, TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
 
 
 @dataclass
@@ -86,8 +86,9 @@ class ModelArguments:
                 "epochs or --max_steps; the built-in demo: 100 of 150 epochs)."})
     rerank_with: str | None = field(default=None, metadata={
         "help": "Re-rank each text query's generative top-k with a dual encoder's similarity: a dual_encoder "
-                "checkpoint (directory or Hub id), or 'dense_first' for the one --dense_first trains. Reported under "
-                "rerank_* keys (eval_rerank_hits@1, ...) beside the pure generative figures."})
+                "checkpoint (directory or Hub id), 'dense_first' for the one --dense_first trains, or 'none'. Reported "
+                "under rerank_* keys (eval_rerank_hits@1, ...) beside the pure generative figures. A query file's "
+                "evaluation (--validation_file alone) re-ranks with the checkpoint's own dual_encoder/ by default."})
     rerank_weight: float = field(default=0.5, metadata={
         "help": "--rerank_with: weight of the dense score against the generative one, in [0, 1] (both as "
                 "log-probabilities over the k candidates; 1 = order the beam's candidates by the dual encoder "
@@ -107,7 +108,9 @@ class DataArguments:
         "help": "Prototype JSONL: {image_id, image} rows to index and {image_id, caption} rows to train on."})
     validation_file: str | None = field(default=None, metadata={
         "help": "Prototype JSONL of {image_id, caption} evaluation queries. They never train: images without "
-                "training captions are held out, the others' validation captions are 'seen' queries."})
+                "training captions are held out, the others' validation captions are 'seen' queries. Without "
+                "--train_file (with --model_name_or_path CKPT --do_train False): evaluate these queries against "
+                "the checkpoint's own index, no collection needed."})
     num_index_images: int | None = field(default=None, metadata={
         "help": "Images to index (held-out ones included). Flickr30K protocol: 10000."})
     num_eval_images: int | None = field(default=None, metadata={
@@ -179,7 +182,12 @@ class DataArguments:
 
     @property
     def is_demo(self) -> bool:
-        return not (self.karpathy_json or self.dataset_name or self.train_file)
+        return not (self.karpathy_json or self.dataset_name or self.train_file or self.validation_file)
+
+    @property
+    def evaluates_query_file(self) -> bool:
+        """--validation_file alone: its queries against a checkpoint's index (`query_file_evaluation.py`)."""
+        return bool(self.validation_file) and not (self.karpathy_json or self.dataset_name or self.train_file)
 
 
 @dataclass
@@ -192,6 +200,9 @@ class DSITrainingArguments(Seq2SeqTrainingArguments):
                 "first). Without it, a non-empty --output_dir is refused unless --resume_from_checkpoint."})
     do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train False to only evaluate)."})
     do_eval: bool = field(default=True, metadata={"help": "Evaluate Hits@k and MRR@10 after training."})
+    save_predictions: bool = field(default=True, metadata={
+        "help": "After training, write each query set's per-query results (query, gold image, its rank, the top-k "
+                "image keys and scores) to OUTPUT_DIR/<set>_predictions.jsonl, for error analysis."})
     retrieval_k: int = field(default=10, metadata={
         "help": "Beams = returned images per query in evaluation; Hits@k is reported for k in 1, 5, 10 up to it."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
@@ -261,8 +272,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError(f"Pass one data layout, not {' and '.join(given)}.")
     if data_args.karpathy_json and not data_args.image_dir:
         raise UsageError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
-    if data_args.validation_file and not data_args.train_file:
-        raise UsageError("--validation_file needs --train_file (the JSONL layout).")
+    if data_args.validation_file and (data_args.karpathy_json or data_args.dataset_name):
+        raise UsageError("--validation_file is the JSONL layout's (with --train_file), or alone with "
+                         "--model_name_or_path to evaluate a checkpoint: not with --karpathy_json/--dataset_name.")
+    if data_args.evaluates_query_file and (not model_args.model_name_or_path or training_args.do_train):
+        raise UsageError("--validation_file without --train_file evaluates a trained checkpoint on its queries: pass "
+                         "--model_name_or_path CKPT --do_train False (or --train_file to train on a JSONL "
+                         "collection).")
     if data_args.max_index_eval_images < 0:
         raise UsageError(f"--max_index_eval_images must be >= 0 (0 = no indexing evaluation), got "
                          f"{data_args.max_index_eval_images}.")
@@ -299,7 +315,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
     if model_args.dense_first_epochs is not None and (not model_args.dense_first or model_args.dense_first_epochs <= 0):
         raise UsageError("--dense_first_epochs needs --dense_first and must be > 0, got "
                          f"{model_args.dense_first_epochs}.")
-    if model_args.rerank_with is not None:
+    if model_args.rerank_with not in (None, OWN_DUAL_ENCODER):
         if not generative:
             raise UsageError(cannot_rerank_a_dual_encoder("--rerank_with"))
         if model_args.rerank_with == "dense_first" and not model_args.dense_first:

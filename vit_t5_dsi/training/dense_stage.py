@@ -32,7 +32,8 @@ from .recipe import DENSE_FIRST_SHARE
 from .run_identifiers import attach_index, identifiers_for
 from .run_record import protocol, write_run_record
 from .run_steps import build_model_and_processor, collection_description, train_and_evaluate
-from .trainer import DSITrainer, checkpoint_is_complete
+from .resume import last_checkpoint
+from .trainer import DSITrainer
 
 logger = logging.getLogger("run_dsi_image")
 
@@ -186,19 +187,11 @@ def finished_dense_model(directory: str) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in FINISHED_FILES)
 
 
-def last_checkpoint(directory: str) -> str | None:
-    """The latest complete `checkpoint-N` of an interrupted dense stage (it resumes from there), or None; a
-    folder the run was killed while writing is skipped."""
-    complete = [path for path in glob.glob(os.path.join(directory, "checkpoint-*"))
-                if os.path.basename(path).split("-")[-1].isdigit() and checkpoint_is_complete(path)]
-    return max(complete, key=lambda path: int(path.rsplit("-", 1)[-1])) if complete else None
-
-
 def remove_checkpoints(directory: str) -> None:
     """A finished dense stage's `checkpoint-N` folders only resumed it (and would be pushed with the model)."""
     for checkpoint in glob.glob(os.path.join(directory, "checkpoint-*")):
         shutil.rmtree(checkpoint)
 
 
-__all__ = ["DENSE_FIRST_DIR", "DenseStage", "train_dense_stage", "dense_reranker", "dense_stage_arguments", "start_from_dense", "finished_dense_model", "last_checkpoint",
+__all__ = ["DENSE_FIRST_DIR", "DenseStage", "train_dense_stage", "dense_reranker", "dense_stage_arguments", "start_from_dense", "finished_dense_model",
            "remove_checkpoints"]

@@ -69,11 +69,14 @@ def reported_ks(retrieval_k: int) -> tuple[int, ...]:
 
 def compute_ranking_metrics(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10):
     """For our trainer: predictions are (N, k) ranked positions, or (N, 2, k) with the re-ranked positions second
-    (reported under `rerank_` keys); label_ids (N,) gold positions, or (N, 2) gold positions and query ids, in
+    (reported under `rerank_` keys), or a (positions, scores) pair of those; label_ids (N,) gold positions, or (N, 2) gold positions and query ids, in
     which case repeated query ids (distributed padding) count once."""
 
     def compute(eval_prediction) -> dict[str, float]:
-        ranked, labels = np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids)
+        predictions = eval_prediction.predictions
+        if isinstance(predictions, (tuple, list)):  # (positions, scores): only positions count
+            predictions = predictions[0]
+        ranked, labels = np.asarray(predictions), np.asarray(eval_prediction.label_ids)
         if labels.ndim == 2:
             _, first = np.unique(labels[:, 1], return_index=True)
             ranked, labels = ranked[first], labels[first, 0]

@@ -18,6 +18,8 @@ RQ_CELLS_PER_IMAGE = 4  # default rq codes per level: enough cells that few imag
 # from that dual encoder's towers, the seed's captioning step writing pseudo-queries for the images that have no
 # training captions (held-out Hits@1 0.09 -> 0.75 on the demo), kept only where the dual encoder finds their image,
 # and dense re-ranking of the beam.
+# --rerank_with for a query file's evaluation: the checkpoint's own dual_encoder/, when it carries one
+OWN_DUAL_ENCODER = "own"
 RECIPE_IDS = dict(docid_scheme="rq", dense_first=True, start_from_dense=True, rerank_with="dense_first")
 RECIPE_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_at="0.2", num_pseudo_queries=10,
                              pseudo_query_rows_per_image=10, pseudo_query_images="uncaptioned",
@@ -74,8 +76,9 @@ def resolve_recipe(model_args, data_args, training_args=None) -> str:
         model_args.docid_scheme = RECIPE_IDS["docid_scheme"] if recipe else "semantic"
     if model_args.start_from_dense is None:
         model_args.start_from_dense = bool(model_args.dense_first)
-    if model_args.rerank_with is None:
-        model_args.rerank_with = "dense_first" if model_args.dense_first else None
+    if model_args.rerank_with is None:  # a query file is evaluated as the search surfaces search: re-ranked
+        model_args.rerank_with = ("dense_first" if model_args.dense_first else
+                                  OWN_DUAL_ENCODER if data_args.evaluates_query_file else None)
     elif model_args.rerank_with.lower() in ("none", "off", ""):
         model_args.rerank_with = None
     elif model_args.rerank_with.lower() == "dense_first":
@@ -124,6 +127,6 @@ def recipe_summary(model_args, data_args, writes_queries: bool) -> str:
     return "Recipe: " + "; ".join(p for p in parts if p) + "."
 
 
-__all__ = ["resolve_recipe", "recipe_summary", "pseudo_query_epochs", "pseudo_query_fractions", "rq_codes_per_level",
+__all__ = ["resolve_recipe", "OWN_DUAL_ENCODER", "recipe_summary", "pseudo_query_epochs", "pseudo_query_fractions", "rq_codes_per_level",
            "RECIPE_IDS", "RECIPE_PSEUDO_QUERIES", "DENSE_FIRST_SHARE", "TRAIN_EPOCHS", "DEMO_TRAIN_EPOCHS",
            "DEMO_SEMANTIC_MAX_LEAF_SIZE", "SEMANTIC_MAX_LEAF_SIZE"]

@@ -3,7 +3,7 @@
 Hooks only (no hand-written loop). The trainer works with what it is given: a model that holds its
 `image_index`, the processor (`processing_class`, saved into every checkpoint), the collection's images and the
 query sets. `evaluate` runs each query set under its own metric prefix (`eval_`, `seen_`, `index_`);
-`prediction_step` returns each query's ranked index positions with (gold position, query id) as labels:
+`prediction_step` returns each query's ranked index positions and scores with (gold position, query id) as labels:
 distributed evaluation pads the last batches with repeated queries, and the metrics drop repeats by query id, so
 each query counts exactly once (reported as `<prefix>_num_queries`).
 """
@@ -30,54 +30,16 @@ from .hub_push import HubPushMessages
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
 from .model_card import example_query, render_model_card
+from .predictions import PREDICTIONS_FILE, write_predictions
 from .pseudo_queries import REFRESH_STATE_FILE, epoch_index, generate_captions
+from .resume import RESUME_STATE_FILE, CheckpointMismatchError, checkpoint_is_complete, load_checkpoint_weights
 from ..checkpoint.ranking import rank_queries
 
 logger = logging.getLogger(__name__)
 
 # Files of a checkpoint that only resume training; everything else in it is the model a user loads.
-RESUME_STATE_FILE = "dsi_trainer_state.json"
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                      RESUME_STATE_FILE, REFRESH_STATE_FILE)
-
-
-def checkpoint_is_complete(folder: str) -> bool:
-    """A checkpoint DSITrainer finished writing (its last file is `dsi_trainer_state.json`)."""
-    return os.path.isfile(os.path.join(folder, RESUME_STATE_FILE))
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's weights do not fit the model being resumed (missing, unexpected or mis-shaped tensors)."""
-
-
-def load_checkpoint_weights(model, checkpoint: str) -> None:
-    """Load `checkpoint`'s weights into `model` exactly as `from_pretrained` reads them, or raise.
-
-    Trainer's own resume reads `model.safetensors` with `load_state_dict(strict=False)` and none of the key
-    conversion transformers 5 applies in `from_pretrained` (a ViT saved under its legacy names
-    `encoder.layer.N.attention.attention.query` then matches none of `layers.N.attention.q_proj`), and only warns:
-    a resumed run trained on with a randomly initialised image tower. Here the checkpoint is loaded through
-    `from_pretrained` (every conversion applied), and its state dict must match the model's key for key.
-    """
-    from ..checkpoint.loading import load_dsi_model
-
-    try:
-        loaded = load_dsi_model(checkpoint, strict=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointMismatchError(f"{checkpoint}: cannot load its weights ({err}).") from err
-    if loaded.config.variant != model.config.variant:
-        raise CheckpointMismatchError(f"{checkpoint}: a {loaded.config.variant} checkpoint cannot resume a "
-                                      f"{model.config.variant} model.")
-    state = loaded.state_dict()
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mis_shaped:
-        raise CheckpointMismatchError(
-            f"{checkpoint}: its weights do not fit the model being resumed ({len(missing)} missing, e.g. "
-            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(mis_shaped)} of another "
-            f"shape, e.g. {mis_shaped[:3]}). Resume with the flags and data the checkpoint was trained with.")
-    model.load_state_dict(state, strict=True)
 
 
 class CollatorEpoch(TrainerCallback):
@@ -114,15 +76,15 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         `caption_references`: held-out image key -> its real captions; with a captioning model, every full
         evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images. `reranker`: a
         `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`).
-        `image_cache_mb`: the collator's budget for decoded images (`DecodedImages`). `queries_during_training`:
+        `images`: an `ImageSource` of the indexed images; None evaluates caption queries only (a dual encoder
+        then searches its stored embeddings). `image_cache_mb`: the collator's budget for decoded images
+        (`DecodedImages`). `queries_during_training`:
         evaluations during training rank at most this many queries per set (a fixed sample; 0 = all); the
         evaluation after training ranks them all."""
         if model is None or getattr(model, "image_index", None) is None:
             raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
             raise ValueError("DSITrainer needs processing_class=ViTT5DSIProcessor(...): every checkpoint saves it.")
-        if images is None and kwargs.get("data_collator") is None:
-            raise ValueError("DSITrainer needs images=ImageSource(...) (the indexed images, looked up by key).")
         if args is not None and args.remove_unused_columns:
             logger.info("DSITrainer sets remove_unused_columns=False: its collator reads image_key/caption/kind.")
             args.remove_unused_columns = False
@@ -211,7 +173,19 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
         """Ranked index positions per query (`predictions`, (N, retrieval_k), -1 for an empty slot)."""
         with self._dense_index():
-            return super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+            output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        return output._replace(predictions=output.predictions[0])  # the scores go to the predictions file
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """After training (not during it), each set's per-query results go to `<set>_predictions.jsonl`."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if (getattr(self.args, "save_predictions", False) and not self.is_in_train and self.is_world_process_zero()
+                and output.predictions is not None and metric_key_prefix in self.eval_sets):
+            path = os.path.join(self.args.output_dir, PREDICTIONS_FILE.format(prefix=metric_key_prefix))
+            count = write_predictions(path, dataloader.dataset, output.predictions, output.label_ids, self.index)
+            logger.info("%d per-query results of %s written to %s", count, metric_key_prefix, path)
+        return output
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
@@ -251,11 +225,13 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         ranking = rank_queries(model, model.image_index, self.retrieval_k, image_embeddings=self._image_embeddings
                                if self.is_dual_encoder else None, **inputs)
         positions = torch.as_tensor(ranking.positions, device=gold.device)
+        scores = torch.as_tensor(ranking.scores, device=gold.device)
         if self.reranker is not None and texts is not None:
             reranked = self.reranker.rerank(ranking, texts, model.image_index)
             positions = torch.stack([positions, torch.as_tensor(reranked.positions, device=gold.device)], dim=1)
+            scores = torch.stack([scores, torch.as_tensor(reranked.scores, device=gold.device)], dim=1)
         fault_points.reached(self._fault_prefix + "evaluation")
-        return None, positions, torch.stack([gold, query_id], dim=1)
+        return None, (positions, scores), torch.stack([gold, query_id], dim=1)
 
     # ----- resuming ----------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -333,6 +309,10 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         """The index embeddings of the weights at this training step, computed once per step: the final save
         and the final evaluation (or a save and an evaluation at the same step) share them."""
         step = self.state.global_step
+        if self.images is None:  # evaluation without the collection: the checkpoint's own embeddings
+            if self.index.embeddings is None:
+                raise ValueError("A dual encoder evaluated without its images needs its stored embeddings.")
+            return self.index.embeddings
         if self._embedded_at_step != step or self.index.embeddings is None:
             self.index.embeddings, self._embedded_at_step = self.embed_index(), step
         return self.index.embeddings
