@@ -22,7 +22,8 @@ import sys
 from vit_t5_dsi.checkpoint.atomic_io import disk_full_errno
 from vit_t5_dsi.checkpoint.errors import UsageError
 from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
-from vit_t5_dsi.training.arguments import check_arguments, parse_args
+from vit_t5_dsi.training.argument_checks import check_arguments
+from vit_t5_dsi.training.arguments import parse_args
 from vit_t5_dsi.training.dense_stage import dense_reranker, start_from_dense, train_dense_stage
 from vit_t5_dsi.training.distributed import end_distributed_run
 from vit_t5_dsi.training.pseudo_queries import RoundTripFilter, pseudo_queries_for, pseudo_query_slots

@@ -35,12 +35,11 @@ glossary of [architecture.md](architecture.md#glossary); the recipe the defaults
 """
 
 CACHE_NOTE = """
-**The image cache and DataLoader workers.** `--image_cache_mb` is a budget *per process that decodes images*:
-the main process with `--dataloader_num_workers 0` (the default), or each worker otherwise, so 4 GPU processes x
-8 workers may hold 32 caches. Its help text says "later epochs only convert and augment": that holds without
-workers, and with workers only when they persist. Trainer starts new workers every epoch unless
-`--dataloader_persistent_workers True`, and a new worker's cache starts empty, so pass that flag with
-`--dataloader_num_workers N`.
+**The image cache and DataLoader workers.** `--image_cache_mb` is one budget per machine, split evenly between
+its training processes. Each process's share is a block of shared memory that all its DataLoader workers fill and
+read, and that outlives the workers Trainer starts every epoch: later epochs decode nothing, with any
+`--dataloader_num_workers`, and `--dataloader_persistent_workers` is not needed (it is refused with `--augment` or
+pseudo-queries written during training, whose per-epoch state persistent workers would freeze).
 """
 
 

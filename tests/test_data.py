@@ -410,3 +410,65 @@ def test_the_caption_tokenizer_gives_the_same_ids_in_every_process():
     assert len(outputs) == 1
     digits = json.loads(outputs.pop())[1][:10]
     assert digits == list(range(3, 13))  # right after pad, eos, unk: naive ids are the same tokens everywhere
+
+
+def _pixels_of_epoch(cache, keys, workers):
+    import torch
+
+    loader = torch.utils.data.DataLoader(keys, batch_size=3, num_workers=workers, collate_fn=cache.pixel_values,
+                                         multiprocessing_context="fork" if workers else None)
+    return torch.cat(list(loader))
+
+
+def test_dataloader_workers_share_the_cache_and_later_epochs_decode_nothing(scene_source):
+    """Trainer starts new workers every epoch: what one epoch's workers decoded, the next epoch's reuse."""
+    import torch
+
+    from vit_t5_dsi.data.image_cache import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)
+    cache = DecodedImages(images, processor, budget_mb=64)
+    first = _pixels_of_epoch(cache, keys, workers=2)
+    assert torch.equal(first, processor(images=[images.load(key) for key in keys])["pixel_values"])
+    assert cache.slab.filled() == len(keys) and cache.used == len(keys) * 3 * 32 * 32  # filled by the workers
+
+    def no_decoding(key):
+        raise AssertionError(f"{key} decoded again")
+
+    images.load = no_decoding  # the next epoch's workers are forked from here
+    assert torch.equal(_pixels_of_epoch(cache, keys, workers=2), first)
+
+
+def test_the_shared_cache_holds_what_the_budget_allows(scene_source):
+    import torch
+
+    from vit_t5_dsi.data.image_cache import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)
+    cache = DecodedImages(images, processor, budget_mb=5 * 3 * 32 * 32 / 2 ** 20)  # room for five images
+    assert cache.slab.capacity == 5
+    pixels = _pixels_of_epoch(cache, keys, workers=2)
+    assert torch.equal(pixels, processor(images=[images.load(key) for key in keys])["pixel_values"])
+    assert cache.slab.filled() == 5 and cache.used == 5 * 3 * 32 * 32
+
+
+def test_a_process_that_cannot_share_the_block_keeps_its_own_cache(scene_source):
+    """A worker started with `spawn` gets a pickled collator: the block is detached there, and the images are
+    cached in that process instead."""
+    import pickle
+
+    import torch
+
+    from vit_t5_dsi.data.image_cache import DecodedImages
+
+    images, processor = scene_source
+    keys = list(images.position)[:4]
+    copy = pickle.loads(pickle.dumps(DecodedImages(images, processor, budget_mb=64)))
+    assert not copy.slab.attached
+    full = processor(images=[images.load(key) for key in keys])["pixel_values"]
+    assert torch.equal(copy.pixel_values(keys), full)
+    decoded = copy.decoded
+    assert torch.equal(copy.pixel_values(keys), full) and copy.decoded == decoded
+    assert copy.used == 4 * 3 * 32 * 32

@@ -203,11 +203,34 @@ def test_arguments_from_a_yaml_file(tmp_path):
     (["--karpathy_json", "x.json"], "--karpathy_json needs --image_dir"),
     (["--vision_model_name_or_path", "google/vit-base-patch16-224-in21k"], "go together"),
     (["--karpathy_json", "missing.json", "--image_dir", "."], "missing.json: no such file"),
+    (["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "True", "--augment", "True"],
+     "--dataloader_persistent_workers keeps the first epoch's copy"),
+    (["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "True", "--captioning_ratio", "0.5",
+      "--pseudo_query_at", "0.5"], "--dataloader_persistent_workers keeps the first epoch's copy"),
 ])
 def test_bad_flags_fail_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         run_dsi_image.main(tiny_args(tmp_path, *extra))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_image_cache_budget_is_one_per_machine(tmp_path, monkeypatch):
+    """--image_cache_mb is split between the machine's training processes; each share is one block that its
+    DataLoader workers fill together (tests/test_data.py), and the run trains with workers."""
+    from vit_t5_dsi.training.trainer import DSITrainer
+
+    budgets = []
+    original = DSITrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        budgets.append(self.data_collator.decoded_images.budget)
+
+    monkeypatch.setattr(DSITrainer, "__init__", spy)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    metrics = run_dsi_image.main(tiny_args(tmp_path, "--image_cache_mb", "8", "--max_steps", "3",
+                                           "--dataloader_num_workers", "2"))
+    assert budgets == [2 * 2 ** 20] and np.isfinite(metrics["train_loss"])
 
 
 def test_bf16_training_steps(tmp_path):

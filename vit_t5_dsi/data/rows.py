@@ -123,8 +123,9 @@ class DSICollator:
         only; evaluation rows, also those of evaluations during training, are never augmented. Flips and colour
         jitter are left out: they would contradict captions that name sides and colours. `pseudo_queries` (a
         `PseudoQueries`, refreshed in place during training) fills pseudo-query rows; an image without any yet
-        is indexed instead. Images are decoded and resized once and kept as uint8 up to `image_cache_mb` (per
-        DataLoader worker; 0 decodes every time): later epochs only convert and augment (`DecodedImages`).
+        is indexed instead. Images are decoded and resized once and kept as uint8 up to `image_cache_mb`, in
+        memory shared by this process's DataLoader workers (0 decodes every time): later epochs only convert and
+        augment (`DecodedImages`).
         `seed` and `epoch` seed each row's crop."""
         self.index, self.images, self.processor, self.variant = index, images, processor, variant
         self.caption_token_id, self.pseudo_queries = caption_token_id, pseudo_queries

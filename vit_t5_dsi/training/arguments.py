@@ -1,4 +1,5 @@
-"""The flags of `run_dsi_image.py`, as `HfArgumentParser` dataclasses, and the checks that need several of them.
+"""The flags of `run_dsi_image.py`, as `HfArgumentParser` dataclasses (their combinations are checked in
+`argument_checks.py`).
 
 Choices are typed (`Literal`), so a typo fails when the flags are parsed. The defaults that depend on other flags
 (the recipe) are filled in one place, `recipe.resolve_recipe`; errors here name flags, since users meet them on the command line.
@@ -13,10 +14,8 @@ from typing import Literal
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
-from ..checkpoint.errors import UsageError, cannot_rerank_a_dual_encoder
-from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, OWN_DUAL_ENCODER, RECIPE_PSEUDO_QUERIES,
-                     SEMANTIC_MAX_LEAF_SIZE, TRAIN_EPOCHS, pseudo_query_epochs, pseudo_query_fractions)
+from .recipe import (DEMO_SEMANTIC_MAX_LEAF_SIZE, DEMO_TRAIN_EPOCHS, RECIPE_PSEUDO_QUERIES, SEMANTIC_MAX_LEAF_SIZE,
+                     TRAIN_EPOCHS)
 
 
 @dataclass
@@ -173,9 +172,10 @@ class DataArguments:
         "help": "Leave out missing/unreadable images (logged with their keys) instead of stopping."})
     augment: bool = field(default=False, metadata={"help": "Random resized crops of training images."})
     image_cache_mb: float = field(default=4096, metadata={
-        "help": "Decode and resize each image once and keep it as uint8 pixels, up to this many MB per DataLoader "
-                "worker (Flickr30K at 224 px needs about 4,700); later epochs only convert and augment. Images "
-                "beyond the budget are decoded every time; a changed image file is decoded again. 0 = off."})
+        "help": "Decode and resize each image once and keep it as uint8 pixels in memory shared by the DataLoader "
+                "workers, up to this many MB per machine (split between its training processes; Flickr30K at 224 px "
+                "needs about 4,700); later epochs only convert and augment, with or without workers. Images beyond "
+                "the budget are decoded every time; a changed image file is decoded again. 0 = off."})
     demo_num_images: int = field(default=300, metadata={"help": "Built-in demo: synthetic images to draw."})
     demo_max_objects: int = field(default=1, metadata={"help": "Built-in demo: objects per image (1-3)."})
     demo_dir: str = field(default="demo_data", metadata={"help": "Built-in demo: where the scenes are written."})
@@ -255,140 +255,4 @@ def _bare_switches_set(argv: list[str]) -> list[str]:
     return out
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments,
-                    training_args: DSITrainingArguments) -> None:
-    """Refuse bad flag combinations before anything is loaded or written (UsageError, naming the flags)."""
-    if (model_args.vision_model_name_or_path is None) != (model_args.text_model_name_or_path is None):
-        raise UsageError("--vision_model_name_or_path and --text_model_name_or_path go together.")
-    if model_args.model_name_or_path and model_args.vision_model_name_or_path:
-        raise UsageError("--model_name_or_path (a vit-t5-dsi checkpoint) and --vision/--text_model_name_or_path "
-                         "(parts to compose a new model from) exclude each other.")
-    if model_args.reindex and not model_args.model_name_or_path:
-        raise UsageError("--reindex only applies with --model_name_or_path.")
-    given = [flag for flag, value in (("--karpathy_json", data_args.karpathy_json),
-                                      ("--dataset_name", data_args.dataset_name),
-                                      ("--train_file", data_args.train_file)) if value]
-    if len(given) > 1:
-        raise UsageError(f"Pass one data layout, not {' and '.join(given)}.")
-    if data_args.karpathy_json and not data_args.image_dir:
-        raise UsageError("--karpathy_json needs --image_dir (the directory its file names are relative to).")
-    if data_args.validation_file and (data_args.karpathy_json or data_args.dataset_name):
-        raise UsageError("--validation_file is the JSONL layout's (with --train_file), or alone with "
-                         "--model_name_or_path to evaluate a checkpoint: not with --karpathy_json/--dataset_name.")
-    if data_args.evaluates_query_file and (not model_args.model_name_or_path or training_args.do_train):
-        raise UsageError("--validation_file without --train_file evaluates a trained checkpoint on its queries: pass "
-                         "--model_name_or_path CKPT --do_train False (or --train_file to train on a JSONL "
-                         "collection).")
-    if data_args.max_index_eval_images < 0:
-        raise UsageError(f"--max_index_eval_images must be >= 0 (0 = no indexing evaluation), got "
-                         f"{data_args.max_index_eval_images}.")
-    for flag, value in (("--max_train_samples", data_args.max_train_samples),
-                        ("--max_eval_samples", data_args.max_eval_samples)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}.")
-    if data_args.eval_queries_during_training < 0:
-        raise UsageError(f"--eval_queries_during_training must be >= 0 (0 = all), got "
-                         f"{data_args.eval_queries_during_training}.")
-    if data_args.indexing_ratio is not None and not 0.0 < data_args.indexing_ratio <= 1.0:
-        raise UsageError(f"--indexing_ratio must be in (0, 1], got {data_args.indexing_ratio}.")
-    if model_args.semantic_num_clusters < 2:
-        raise UsageError(f"--semantic_num_clusters must be >= 2, got {model_args.semantic_num_clusters}.")
-    if model_args.semantic_max_leaf_size is not None and model_args.semantic_max_leaf_size < 1:
-        raise UsageError(f"--semantic_max_leaf_size must be >= 1, got {model_args.semantic_max_leaf_size}.")
-    if model_args.rq_num_levels < 1:
-        raise UsageError(f"--rq_num_levels must be >= 1, got {model_args.rq_num_levels}.")
-    if model_args.rq_codes_per_level is not None and model_args.rq_codes_per_level < 2:
-        raise UsageError(f"--rq_codes_per_level must be >= 2, got {model_args.rq_codes_per_level}.")
-    generative = model_args.variant != DUAL_ENCODER
-    if model_args.dense_first:
-        if not generative:
-            raise UsageError("--dense_first trains a dual encoder before a generative model: pass a generative "
-                             "--variant.")
-        if model_args.docid_scheme not in ("semantic", "rq"):
-            raise UsageError(f"--dense_first builds ids from the dual encoder's embeddings: --docid_scheme "
-                             f"{model_args.docid_scheme} does not use embeddings (use semantic or rq).")
-        if model_args.semantic_embeddings or model_args.model_name_or_path:
-            raise UsageError("--dense_first makes the id embeddings: it excludes --semantic_embeddings and "
-                             "--model_name_or_path.")
-        if training_args.resume_from_checkpoint is None and not training_args.do_train:
-            raise UsageError("--dense_first needs --do_train (it trains two models).")
-    if model_args.dense_first_epochs is not None and (not model_args.dense_first or model_args.dense_first_epochs <= 0):
-        raise UsageError("--dense_first_epochs needs --dense_first and must be > 0, got "
-                         f"{model_args.dense_first_epochs}.")
-    if model_args.rerank_with not in (None, OWN_DUAL_ENCODER):
-        if not generative:
-            raise UsageError(cannot_rerank_a_dual_encoder("--rerank_with"))
-        if model_args.rerank_with == "dense_first" and not model_args.dense_first:
-            raise UsageError("--rerank_with dense_first needs --dense_first (the dual encoder that run trains).")
-    if not 0.0 <= model_args.rerank_weight <= 1.0:
-        raise UsageError(f"--rerank_weight must be in [0, 1], got {model_args.rerank_weight}.")
-    if not 0.0 <= data_args.captioning_ratio <= 1.0:
-        raise UsageError(f"--captioning_ratio must be in [0, 1], got {data_args.captioning_ratio}.")
-    if data_args.captioning_ratio > 0 and model_args.variant == DUAL_ENCODER:
-        raise UsageError("--captioning_ratio needs a generative variant: the dual encoder has no decoder.")
-    if data_args.pseudo_query_epochs:
-        if data_args.pseudo_queries:
-            raise UsageError("--pseudo_query_epochs (pseudo-queries written during training) and --pseudo_queries "
-                             "(a file of them) exclude each other.")
-        if data_args.captioning_ratio <= 0:
-            raise UsageError("--pseudo_query_epochs needs --captioning_ratio > 0: the model must learn to caption.")
-        try:
-            epochs = pseudo_query_epochs(data_args)
-        except ValueError:
-            raise UsageError(f"--pseudo_query_epochs {data_args.pseudo_query_epochs!r}: expected comma-separated "
-                             "epoch numbers, e.g. '100,200'.") from None
-        if any(e < 1 for e in epochs):
-            raise UsageError(f"--pseudo_query_epochs must be >= 1 (captioning trains first), got {epochs}.")
-    if pseudo_query_fractions(data_args):
-        if data_args.pseudo_queries:
-            raise UsageError("--pseudo_query_at (pseudo-queries written during training) and --pseudo_queries "
-                             "(a file of them) exclude each other.")
-        if data_args.captioning_ratio <= 0:
-            raise UsageError("--pseudo_query_at needs --captioning_ratio > 0: the model must learn to caption.")
-    if data_args.pseudo_query_filter_top_k < 0:
-        raise UsageError(f"--pseudo_query_filter_top_k must be >= 0 (0 = keep all), got "
-                         f"{data_args.pseudo_query_filter_top_k}.")
-    if (data_args.pseudo_query_filter_top_k and generative and not model_args.dense_first
-            and model_args.rerank_with is None):
-        raise UsageError("--pseudo_query_filter_top_k needs a dual encoder to filter with: --dense_first or "
-                         "--rerank_with.")
-    if data_args.pseudo_query_rows_per_image is not None and data_args.pseudo_query_rows_per_image < 1:
-        raise UsageError(f"--pseudo_query_rows_per_image must be >= 1, got {data_args.pseudo_query_rows_per_image}.")
-    if data_args.image_cache_mb < 0:
-        raise UsageError(f"--image_cache_mb must be >= 0 (0 = no cache), got {data_args.image_cache_mb}.")
-    if data_args.num_pseudo_queries < 1:
-        raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
-    if training_args.retrieval_k < 1:
-        raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")
-    if training_args.fp16 and model_args.variant != DUAL_ENCODER and not training_args.allow_fp16_t5:
-        raise UsageError("--fp16 with T5 overflows (NaN losses): use --bf16, or fp32 on GPUs without bf16. "
-                         "Pass --allow_fp16_t5 to try anyway.")
-    # Seq2SeqTrainingArguments flags this script has no use for: refused, not silently ignored
-    for flag, value, why in (
-            ("--do_predict", training_args.do_predict,
-             "there is no test split; --do_eval evaluates the held-out, seen and indexing queries"),
-            ("--predict_with_generate", training_args.predict_with_generate,
-             "every evaluation already writes identifiers under the constraint"),
-            ("--generation_num_beams", training_args.generation_num_beams,
-             "the beams are --retrieval_k, one per image returned"),
-            ("--generation_max_length", training_args.generation_max_length,
-             "the longest identifier sets the length")):
-        if value:
-            raise UsageError(f"{flag} has no effect here: {why}.")
-    if training_args.remove_unused_columns:
-        raise UsageError("--remove_unused_columns must stay False: the collator reads image_key/caption/kind.")
-    if training_args.hub_token:
-        raise UsageError("--hub_token is refused: a token on the command line ends up in shell history, logs and "
-                         "training_args.bin. Set HF_TOKEN in the environment or run `hf auth login`.")
-    loads_from = model_args.model_name_or_path
-    if (training_args.do_train and loads_from and os.path.isdir(loads_from)
-            and os.path.realpath(loads_from) == os.path.realpath(training_args.output_dir)):
-        raise UsageError(f"--output_dir {training_args.output_dir} is the checkpoint --model_name_or_path loads from: "
-                         "training would overwrite it. Pick another --output_dir.")
-    if (training_args.push_to_hub and not training_args.do_train and loads_from
-            and os.path.realpath(loads_from) == os.path.realpath(training_args.output_dir)):
-        raise UsageError("--push_to_hub from an evaluate-only run would re-save the checkpoint it loads from; pass "
-                         "another --output_dir.")
-
-
-__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args", "check_arguments"]
+__all__ = ["ModelArguments", "DataArguments", "DSITrainingArguments", "parse_args"]

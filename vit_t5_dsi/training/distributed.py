@@ -8,6 +8,7 @@ checked to be identical everywhere by a digest.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from typing import Any
 
@@ -82,6 +83,14 @@ def apply_collective_timeout(seconds: float) -> bool:
     return True
 
 
+def local_process_count() -> int:
+    """Training processes on this machine (`LOCAL_WORLD_SIZE`, set by `accelerate launch` and `torchrun`)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def end_distributed_run() -> None:
     """Wait for every process, then tear the process group down before the interpreter exits.
 
@@ -97,5 +106,5 @@ def end_distributed_run() -> None:
         state.destroy_process_group()
 
 
-__all__ = ["broadcast_from_main", "digest", "check_identical_on_every_process", "apply_collective_timeout",
+__all__ = ["local_process_count", "broadcast_from_main", "digest", "check_identical_on_every_process", "apply_collective_timeout",
            "end_distributed_run"]

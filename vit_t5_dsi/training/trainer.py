@@ -26,6 +26,7 @@ from ..data.splits import sample_rows
 from ..checkpoint.errors import cannot_rerank_a_dual_encoder
 from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
 from . import fault_points
+from .distributed import local_process_count
 from .hub_push import HubPushMessages
 from .image_embeddings import embed_images
 from .metrics import caption_metrics, compute_ranking_metrics, reported_ks
@@ -77,8 +78,8 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         evaluation also reports `eval_caption_bleu` and `eval_caption_exact` on those images. `reranker`: a
         `DenseReranker`; caption queries are then also ranked by it (metrics under `<prefix>_rerank_*`).
         `images`: an `ImageSource` of the indexed images; None evaluates caption queries only (a dual encoder
-        then searches its stored embeddings). `image_cache_mb`: the collator's budget for decoded images
-        (`DecodedImages`). `queries_during_training`:
+        then searches its stored embeddings). `image_cache_mb`: the machine's budget for decoded images, split
+        between its training processes (`DecodedImages`). `queries_during_training`:
         evaluations during training rank at most this many queries per set (a fixed sample; 0 = all); the
         evaluation after training ranks them all."""
         if model is None or getattr(model, "image_index", None) is None:
@@ -97,7 +98,8 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
             kwargs["data_collator"] = DSICollator(model.image_index, images, kwargs["processing_class"],
                                                   model.config.variant, augment=augment,
                                                   caption_token_id=getattr(model.config, "caption_token_id", None),
-                                                  pseudo_queries=pseudo_queries, image_cache_mb=image_cache_mb,
+                                                  pseudo_queries=pseudo_queries,
+                                                  image_cache_mb=image_cache_mb / local_process_count(),
                                                   seed=getattr(args, "seed", 42))
         kwargs.setdefault("compute_metrics", compute_ranking_metrics(reported_ks(self.retrieval_k),
                                                                      min(10, self.retrieval_k)))
