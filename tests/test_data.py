@@ -391,8 +391,8 @@ def test_augmentation_acts_on_the_cached_image(scene_source):
 
 
 def test_the_caption_tokenizer_gives_the_same_ids_in_every_process():
-    """BPE training breaks ties in hash-map order, which changes per process; caption and digit ids must not
-    (a word the captions never use may still split into different pieces)."""
+    """The `tokenizers` BPE trainer breaks ties in hash-map order, which changes per process and per call; ours
+    (`learn_bpe`) does not: the whole tokenizer, and so how words the captions never use split, is the same."""
     import subprocess
     import sys
 
@@ -404,7 +404,10 @@ def test_the_caption_tokenizer_gives_the_same_ids_in_every_process():
         "places = ['in the top left', 'at the bottom right', 'in the center', 'on the middle left']\n"
         "captions = [f'a {s} {c} {h} {p}' for s in ('small', 'large') for c in colours for h in shapes for p in places]\n"
         "t = train_caption_tokenizer(captions, vocab_size=400)\n"
-        "print(json.dumps([t(captions)['input_ids'], t('0123456789')['input_ids']]))\n")
+        "again = train_caption_tokenizer(captions, vocab_size=400)\n"
+        "assert again.backend_tokenizer.to_str() == t.backend_tokenizer.to_str()\n"
+        "print(json.dumps([t(captions)['input_ids'], t('0123456789')['input_ids'], t.backend_tokenizer.to_str(),\n"
+        "                  t('a mauve trapezoid near the upper rim')['input_ids']]))\n")
     outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
                for _ in range(3)}
     assert len(outputs) == 1
@@ -472,3 +475,19 @@ def test_a_process_that_cannot_share_the_block_keeps_its_own_cache(scene_source)
     decoded = copy.decoded
     assert torch.equal(copy.pixel_values(keys), full) and copy.decoded == decoded
     assert copy.used == 4 * 3 * 32 * 32
+
+
+def test_bpe_merges_on_a_hand_computed_case():
+    """'low' x5, 'lower' x2, 'newest' x6, 'widest' x3 (Sennrich et al.'s example): the first merges are the most
+    frequent pairs, ties to the pair that sorts first."""
+    from vit_t5_dsi.data.bpe_merges import learn_bpe
+
+    counts = {"low": 5, "lower": 2, "newest": 6, "widest": 3}
+    vocab, merges = learn_bpe(counts, vocab_size=10 ** 6, alphabet=[], special_tokens=["<pad>"])
+    # ##e ##s and ##s ##t: 9 each (newest, widest): the tie goes to ('##e', '##s'); then ('##es', '##t') (9);
+    # then ##o ##w and l ##o, 7 each (low, lower): '##o' sorts before 'l'
+    assert merges[:4] == [("##e", "##s"), ("##es", "##t"), ("##o", "##w"), ("l", "##ow")]
+    assert vocab[:2] == ["<pad>", "d"] and "##est" in vocab and "low" in vocab
+    assert set(vocab) >= set(counts)  # run to the end, every word is one token
+    small, _ = learn_bpe(counts, vocab_size=len(vocab) - 3, alphabet=[], special_tokens=["<pad>"])
+    assert small == vocab[:-3]

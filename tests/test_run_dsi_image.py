@@ -68,6 +68,19 @@ def test_evaluation_during_training_uses_constrained_search(tmp_path):
     assert [entry["step"] for entry in state["log_history"] if "eval_index_hits@1" in entry] == [3, 6]
 
 
+def test_evaluating_during_training_does_not_change_the_model(tmp_path):
+    """Each evaluation DataLoader draws a seed from torch's global generator; the trainer restores it, so the
+    training sampler and dropout see the same random numbers with or without evaluations."""
+    common = ["--max_steps", "8", "--augment", "True"]
+    plain = run_dsi_image.main(tiny_args(tmp_path, *common, "--output_dir", str(tmp_path / "plain")))
+    evaluated = run_dsi_image.main(tiny_args(tmp_path, *common, "--output_dir", str(tmp_path / "evaluated"),
+                                             "--eval_strategy", "steps", "--eval_steps", "2"))
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == \
+        (tmp_path / "evaluated" / "model.safetensors").read_bytes()
+    for key in METRIC_KEYS + ["train_loss"]:
+        assert evaluated[key] == plain[key], key
+
+
 def test_resume_after_a_kill_reaches_the_same_final_step_with_the_same_index(tmp_path):
     args = tiny_args(tmp_path, "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4",
                      "--save_total_limit", "5", "--do_eval", "False")

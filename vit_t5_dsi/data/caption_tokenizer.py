@@ -7,10 +7,13 @@ naive identifiers are digit sequences as in DSI. Saved with the checkpoint; `Aut
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from .bpe_merges import learn_bpe
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 INITIAL_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"  # digits first: naive ids are digit tokens
@@ -18,16 +21,18 @@ CONTINUING_PREFIX = "##"
 
 
 def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix=CONTINUING_PREFIX))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  continuing_subword_prefix=CONTINUING_PREFIX,
-                                  initial_alphabet=list(INITIAL_ALPHABET))
+    """T5-layout BPE tokenizer learnt from `captions`, identical in every run and process (`learn_bpe`)."""
     captions = list(captions)
-    tokenizer.train_from_iterator(captions, trainer=trainer)
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
+    word_counts = Counter(word for caption in captions
+                          for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    vocab, merges = learn_bpe(word_counts, vocab_size, list(INITIAL_ALPHABET), SPECIAL_TOKENS, CONTINUING_PREFIX)
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(vocab)}, merges=merges,
+                                     unk_token="<unk>", continuing_subword_prefix=CONTINUING_PREFIX))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
     tokenizer = _canonical_ids(tokenizer, captions)
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", 1)])
@@ -37,13 +42,9 @@ def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 1024) -> 
 def _canonical_ids(tokenizer: Tokenizer, captions: list[str]) -> Tokenizer:
     """The same tokenizer with token ids that do not depend on the run.
 
-    The BPE trainer breaks ties between equally frequent pairs in hash-map order, which changes with every process:
-    the captions tokenize the same, but intermediate merges and every token's id differ, so two runs with one seed
-    initialise (and train) different models. Here ids are reassigned in a fixed order: the special tokens, the
-    initial alphabet (digits first, then its "##" forms), the tokens the captions actually use, sorted, then the
-    remaining ones, sorted.
-    Captions and identifiers then get the same ids in every run; only words the captions never use may split into
-    different pieces."""
+    Ids come in a fixed order that says what they are: the special tokens, the initial alphabet (digits first, so
+    naive identifiers are the same digit tokens everywhere, then its "##" forms), the tokens the captions
+    actually use, sorted, then the remaining ones, sorted."""
     data = json.loads(tokenizer.to_str())
     vocab = data["model"]["vocab"]
     pieces = (tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(c)) for c in captions)
@@ -60,7 +61,7 @@ def _canonical_ids(tokenizer: Tokenizer, captions: list[str]) -> Tokenizer:
 
 def caption_tokenizer_from_str(serialized: str) -> PreTrainedTokenizerFast:
     """The tokenizer whose `backend_tokenizer.to_str()` is `serialized` (how other processes receive the one the
-    main process trained: BPE training is not deterministic across processes)."""
+    main process trained, so only one process spends the time training it)."""
     return _wrap(Tokenizer.from_str(serialized))
 
 

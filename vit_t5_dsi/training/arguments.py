@@ -43,8 +43,7 @@ class ModelArguments:
         "help": "Pretrained T5 (e.g. t5-base); its tokenizer is used. Needs --vision_model_name_or_path too."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "A tokenizer (directory or Hub id, e.g. an earlier run's output_dir) instead of training a caption "
-                "tokenizer: runs that must be compared token for token share one (BPE training breaks ties "
-                "between equally frequent pairs differently in every process)."})
+                "tokenizer (e.g. to share one vocabulary between runs on different captions)."})
     tokenizer_vocab_size: int = field(default=1024, metadata={
         "help": "Vocabulary of the caption tokenizer trained offline when no pretrained T5 is given."})
     codebook_num_tokens: int = field(default=16, metadata={"help": "codebook: visual tokens per image."})
