@@ -48,6 +48,9 @@ class GenerationArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
 
 
+RETRIES = 3  # extra samplings for an image whose every sampled caption was empty
+
+
 def completed_keys(path: str) -> set[str]:
     """Image keys already written; a torn last line (a crash mid-write) is cut off so appending stays valid."""
     if not os.path.exists(path):
@@ -95,6 +98,16 @@ def main(argv=None) -> int:
             batch = todo[start:start + args.batch_size]
             queries = generate_pseudo_queries(model, batch, images, processor, args.num_queries, args.batch_size,
                                               device, args.top_k, distributed=False)
+            for _ in range(RETRIES):  # every sample empty (the caption ended at once): sample those images again
+                empty = [key for key in batch if key not in queries]
+                if not empty:
+                    break
+                queries.update(generate_pseudo_queries(model, empty, images, processor, args.num_queries,
+                                                       args.batch_size, device, args.top_k, distributed=False))
+            missing = [key for key in batch if key not in queries]
+            if missing:
+                logging.warning("%d images got only empty captions in %d tries (e.g. %s): none written for them; a "
+                                "rerun tries them again.", len(missing), RETRIES + 1, missing[0])
             out.write(PseudoQueries(queries, source).to_jsonl())
             out.flush()
             os.fsync(out.fileno())

@@ -54,9 +54,10 @@ class DecodedImages:
         self.decoded = 0  # images decoded so far in this process (a hit decodes nothing)
         self.slab = None
         size = getattr(processor, "image_size", None)
-        if self.enabled and shared and images is not None and isinstance(size, int):
+        positions = getattr(images, "position", None)  # key -> slot: the collection's order
+        if self.enabled and shared and positions is not None and isinstance(size, int):
             shape = (3, size, size)
-            capacity = min(len(images.position), self.budget // (3 * size * size))
+            capacity = min(len(positions), self.budget // (3 * size * size))
             self.slab = SharedImageSlab(capacity, shape)
 
     @property

@@ -71,9 +71,9 @@ def card_metrics(name_or_path: str) -> str:
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:
-    """Words the model cannot have read: the tokenizer maps part of them to its unknown token, or has no piece
-    longer than one letter for them (none of its learned merges applies). A word stored as `▁word`, or split into
-    learned pieces (`triangle ##s`), is known."""
+    """Words the model cannot have read: the tokenizer maps part of them to its unknown token, or its longest piece
+    covers less than half of the word (it is spelt out of fragments of other words: `z ##e ##b ##ra`). A word
+    stored as `▁word`, or a learned piece plus an ending (`triangle ##s`), is known."""
     words = list(dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())))
     if not words:
         return []
@@ -81,7 +81,7 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     for word, ids in zip(words, tokenizer(words, add_special_tokens=False)["input_ids"]):
         pieces = [piece.removeprefix("##").removeprefix("\u2581") for piece in tokenizer.convert_ids_to_tokens(ids)]
         if (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids) or (
-                len(word) > 1 and all(len(piece) <= 1 for piece in pieces)):
+                len(word) > 1 and 2 * max(len(piece) for piece in pieces) < len(word)):
             unknown.append(word)
     return unknown
 
