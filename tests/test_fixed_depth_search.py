@@ -128,3 +128,12 @@ def test_catalogue_shaped_rq_ids_match_generate():
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=128)).eval()
     for k in (3, 10):
         assert_same_ranking(index, model, k, input_ids=torch.randint(3, 128, (5, 9)))
+
+
+def test_a_token_table_wider_than_its_longest_id():
+    """A table with a column no id reaches (a collision column where nothing collided) builds and searches."""
+    table = np.array([[10, 20, -1], [10, 21, -1], [11, 20, -1]], dtype=np.int32)
+    index = ImageIndex.from_token_table(["a", "b", "c"], table, scheme="semantic", eos_token_id=1, pad_token_id=0)
+    assert index.trie.children([10]) == [20, 21]
+    model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=32)).eval()
+    assert_same_ranking(index, model, 3, input_ids=torch.randint(3, 32, (2, 5)))
