@@ -65,7 +65,8 @@ def trie_beam_search(language_model, trie: IdTrie, encoder_states: torch.Tensor,
     batch, device = encoder_states.shape[0], encoder_states.device
     beams, eos, pad = num_beams, trie.eos_token_id, trie.pad_token_id
     length = 1 + max_new_tokens
-    cache = EncoderDecoderCache(DynamicCache(config=language_model.config), DynamicCache(config=language_model.config))
+    # no config: layers are created as the decoder fills them, which skips a deep copy of the config per search
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     # step 0 runs one row per query (every beam starts from the same empty prefix); afterwards batch x beams rows
     states, mask = encoder_states, encoder_mask
     running = torch.full((batch, 1, length), pad, dtype=torch.long, device=device)

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Where the time of one generative query batch goes, in the trie beam search (`search="trie"`) and in
+`model.generate`: the T5 encoder, the decoder layers, the LM head, the trie's candidate lists, and the rest
+(log-softmax, top-k, cache reordering, decoding ids back to images). Random weights, rq ids of 4 levels x 256
+codes (`bench_retrieval_latency.rq_table`), 10 beams, 12-token queries; the parts are timed with forward hooks
+and wrappers over `--repeats` calls.
+
+    python benchmarks/profile_trie_search.py --width tiny --num_images 100000 --batches 1 32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_retrieval_latency import (CODES, EOS, K, LEVELS, POSITION_TOKENS, QUERY_TOKENS, VOCAB,  # noqa: E402
+                                     build_generative_index)
+
+from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIForConditionalGeneration  # noqa: E402
+from vit_t5_dsi.checkpoint import fixed_depth_search  # noqa: E402
+from vit_t5_dsi.checkpoint.ranking import rank_by_generation  # noqa: E402
+
+
+def timed_parts(model):
+    """Forward hooks and wrappers that add each part's seconds into a dict."""
+    spent, started = defaultdict(float), {}
+    language_model = model.language_model
+    for name, module in [("encoder", language_model.encoder), ("decoder layers", language_model.decoder),
+                         ("LM head", language_model.lm_head)]:
+        module.register_forward_pre_hook(lambda m, a, name=name: started.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(lambda m, a, o, name=name: spent.__setitem__(
+            name, spent[name] + time.perf_counter() - started[name]))
+    candidates = fixed_depth_search._candidates
+
+    def timed_candidates(*args):
+        start = time.perf_counter()
+        out = candidates(*args)
+        spent["trie candidates"] += time.perf_counter() - start
+        return out
+
+    fixed_depth_search._candidates = timed_candidates
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", default="tiny", choices=list(VOCAB))
+    parser.add_argument("--num_images", type=int, default=100_000)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    vocab = VOCAB[args.width] + LEVELS * CODES + POSITION_TOKENS
+    model = ViTT5DSIForConditionalGeneration(ViTT5DSIConfig.from_preset(args.width, vocab_size=vocab)).eval()
+    model.generation_config.eos_token_id = EOS
+    index, _ = build_generative_index(args.num_images, "rq", VOCAB[args.width])
+    spent = timed_parts(model)
+    for batch in args.batches:
+        queries = torch.randint(3, 1000, (batch, QUERY_TOKENS))
+        for search in ("trie", "generate"):
+            rank_by_generation(model, index, K, input_ids=queries, search=search)  # warm-up
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                rank_by_generation(model, index, K, input_ids=queries, search=search)
+            total = (time.perf_counter() - start) / args.repeats
+            parts = {name: seconds / args.repeats for name, seconds in spent.items()}
+            parts["rest (softmax, top-k, cache, bookkeeping)"] = total - sum(parts.values())
+            print(f"{args.width}, N = {args.num_images:,}, batch {batch}, {search}: {1000 * total:.1f} ms per batch, "
+                  f"{1000 * total / batch:.2f} ms per query")
+            for name, seconds in parts.items():
+                print(f"  {name:<44}{1000 * seconds:>9.2f} ms  {100 * seconds / total:>5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
