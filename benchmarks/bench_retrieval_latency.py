@@ -262,6 +262,20 @@ def verdicts(rows: list[dict]) -> list[tuple[str, float, float, str]]:
     return out
 
 
+def report(rows: list[dict], kmeans: dict | None, table: bool = True) -> None:
+    """The table of `rows` (already printed row by row during a run), the rq id building cost and the verdicts."""
+    if rows and table:
+        print(HEADER)
+        for row in rows:
+            print_row(row)
+        print()
+    if kmeans:
+        print(f"rq ids (k-means, {LEVELS} levels x {CODES} codes) for {kmeans['images']:,} embeddings of "
+              f"d = {kmeans['dim']}: {kmeans['seconds']:.1f} s, peak RSS growth {kmeans['peak_mb']:.0f} MB")
+    for name, generative_ms, bound_ms, verdict in verdicts(rows):
+        print(f"{name:<52}{generative_ms:>9.2f} vs {bound_ms:>8.2f}  {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", nargs="+", default=["tiny", "base"], choices=list(VOCAB))
@@ -278,7 +292,14 @@ def main() -> None:
     parser.add_argument("--rq_kmeans_dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output_json", default="bench_retrieval_latency.json")
+    parser.add_argument("--from_json", nargs="+", help="print one table and the verdicts from earlier runs' JSON "
+                        "(runs with different settings, e.g. fewer repeats at 10M), measuring nothing")
     args = parser.parse_args()
+    if args.from_json:
+        runs = [json.load(open(path, encoding="utf-8")) for path in args.from_json]
+        report([row for run in runs for row in run["rows"]], next((r["rq_kmeans"] for r in runs if r["rq_kmeans"]),
+                                                                   None))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
@@ -307,11 +328,7 @@ def main() -> None:
         del generative, dense
     kmeans = rq_kmeans_cost(args.rq_kmeans_images, args.rq_kmeans_dim) if args.rq_kmeans_images else None
     print()
-    if kmeans:
-        print(f"rq ids (k-means, {LEVELS} levels x {CODES} codes) for {kmeans['images']:,} embeddings of "
-              f"d = {kmeans['dim']}: {kmeans['seconds']:.1f} s, peak RSS growth {kmeans['peak_mb']:.0f} MB")
-    for name, generative_ms, bound_ms, verdict in verdicts(rows):
-        print(f"{name:<52}{generative_ms:>9.2f} vs {bound_ms:>8.2f}  {verdict}")
+    report(rows, kmeans, table=False)
     with open(args.output_json, "w", encoding="utf-8") as f:
         json.dump({"rows": rows, "rq_kmeans": kmeans, "argv": sys.argv[1:],
                    "verdicts": [dict(zip(("target", "trie_ms", "bound_ms", "verdict"), v))

@@ -3,7 +3,7 @@
 `model.generate`: the T5 encoder, the decoder layers, the LM head, the trie's candidate lists, and the rest
 (log-softmax, top-k, cache reordering, decoding ids back to images). Random weights, rq ids of 4 levels x 256
 codes (`bench_retrieval_latency.rq_table`), 10 beams, 12-token queries; the parts are timed with forward hooks
-and wrappers over `--repeats` calls.
+and wrappers over `--repeats` calls of each, the two searches alternating.
 
     python benchmarks/profile_trie_search.py --width tiny --num_images 100000 --batches 1 32 --threads 1
 """
@@ -11,6 +11,7 @@ and wrappers over `--repeats` calls.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -65,20 +66,28 @@ def main() -> None:
     spent = timed_parts(model)
     for batch in args.batches:
         queries = torch.randint(3, 1000, (batch, QUERY_TOKENS))
-        for search in ("trie", "generate"):
+        totals, parts = defaultdict(list), {"trie": defaultdict(float), "generate": defaultdict(float)}
+        for search in parts:
             rank_by_generation(model, index, K, input_ids=queries, search=search)  # warm-up
-            spent.clear()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
+        for _ in range(args.repeats):  # the two searches alternate, so a change in the machine's load hits both
+            for search in parts:
+                spent.clear()
+                start = time.perf_counter()
                 rank_by_generation(model, index, K, input_ids=queries, search=search)
-            total = (time.perf_counter() - start) / args.repeats
-            parts = {name: seconds / args.repeats for name, seconds in spent.items()}
-            parts["rest (softmax, top-k, cache, bookkeeping)"] = total - sum(parts.values())
-            print(f"{args.width}, N = {args.num_images:,}, batch {batch}, {search}: {1000 * total:.1f} ms per batch, "
-                  f"{1000 * total / batch:.2f} ms per query")
-            for name, seconds in parts.items():
-                print(f"  {name:<44}{1000 * seconds:>9.2f} ms  {100 * seconds / total:>5.1f}%")
-
+                totals[search].append(time.perf_counter() - start)
+                for name, seconds in spent.items():
+                    parts[search][name] += seconds / args.repeats
+        for search, timed in parts.items():
+            total = statistics.median(totals[search])
+            timed["rest (softmax, top-k, cache, bookkeeping)"] = sum(totals[search]) / args.repeats - sum(
+                timed.values())
+            print(f"{args.width}, N = {args.num_images:,}, batch {batch}, {search}: {1000 * total:.1f} ms per batch "
+                  f"(median), {1000 * total / batch:.2f} ms per query")
+            mean = sum(totals[search]) / args.repeats
+            for name, seconds in timed.items():
+                print(f"  {name:<44}{1000 * seconds:>9.2f} ms  {100 * seconds / mean:>5.1f}%")
+        ratios = [g / t for g, t in zip(totals["generate"], totals["trie"])]
+        print(f"  generate / trie, median of {args.repeats} alternating pairs: {statistics.median(ratios):.2f}x")
 
 if __name__ == "__main__":
     main()
