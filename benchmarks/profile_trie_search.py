@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the time of one generative query batch goes, in the trie beam search (`search="trie"`) and in
 `model.generate`: the T5 encoder, the decoder layers, the LM head, the trie's candidate lists, and the rest
-(log-softmax, top-k, cache reordering, decoding ids back to images). Random weights, rq ids of 4 levels x 256
+(log-softmax, top-k, cache reordering, decoding ids back to images); beside them the dual encoder's text encoder
++ a faiss IVF search over N random embeddings (--ivf_* as in bench_retrieval_latency; sqrt(N) lists by default). Random weights, rq ids of 4 levels x 256
 codes (`bench_retrieval_latency.rq_table`), 10 beams, 12-token queries; the parts are timed with forward hooks
 and wrappers over `--repeats` calls of each, the two searches alternating.
 
@@ -20,9 +21,9 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_retrieval_latency import (CODES, EOS, K, LEVELS, POSITION_TOKENS, QUERY_TOKENS, VOCAB,  # noqa: E402
-                                     build_generative_index)
+                                     build_generative_index, dense_indexes)
 
-from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIForConditionalGeneration  # noqa: E402
+from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration  # noqa: E402
 from vit_t5_dsi.checkpoint import fixed_depth_search  # noqa: E402
 from vit_t5_dsi.checkpoint.ranking import rank_by_generation  # noqa: E402
 
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ivf_lists_per_sqrt_n", type=float, default=1.0, help="the dense arm's faiss IVF index")
+    parser.add_argument("--ivf_training_points_per_list", type=int, default=64)
+    parser.add_argument("--ivf_nprobe", type=int, default=32)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,31 +67,45 @@ def main() -> None:
     model = ViTT5DSIForConditionalGeneration(ViTT5DSIConfig.from_preset(args.width, vocab_size=vocab)).eval()
     model.generation_config.eos_token_id = EOS
     index, _ = build_generative_index(args.num_images, "rq", VOCAB[args.width])
+    dense = ViTT5DSIDualEncoderModel(ViTT5DSIConfig.from_preset(args.width, variant="dual_encoder",
+                                                                vocab_size=VOCAB[args.width])).eval()
+    embeddings = torch.nn.functional.normalize(torch.randn(args.num_images, dense.text_projection.out_features), dim=1)
+    ivf = dense_indexes(embeddings.numpy(), args)["faiss_ivf"][0]
+    del embeddings
+
+    def search(name, queries):
+        if name == "dense (faiss IVF)":
+            with torch.no_grad():
+                return ivf.search(dense.encode_texts(queries).numpy(), K)
+        return rank_by_generation(model, index, K, input_ids=queries, search=name)
+
     spent = timed_parts(model)
     for batch in args.batches:
         queries = torch.randint(3, 1000, (batch, QUERY_TOKENS))
-        totals, parts = defaultdict(list), {"trie": defaultdict(float), "generate": defaultdict(float)}
-        for search in parts:
-            rank_by_generation(model, index, K, input_ids=queries, search=search)  # warm-up
-        for _ in range(args.repeats):  # the two searches alternate, so a change in the machine's load hits both
-            for search in parts:
+        totals = defaultdict(list)
+        parts = {name: defaultdict(float) for name in ("trie", "generate", "dense (faiss IVF)")}
+        for name in parts:
+            search(name, queries)  # warm-up
+        for _ in range(args.repeats):  # the searches alternate, so a change in the machine's load hits all of them
+            for name in parts:
                 spent.clear()
                 start = time.perf_counter()
-                rank_by_generation(model, index, K, input_ids=queries, search=search)
-                totals[search].append(time.perf_counter() - start)
-                for name, seconds in spent.items():
-                    parts[search][name] += seconds / args.repeats
-        for search, timed in parts.items():
-            total = statistics.median(totals[search])
-            timed["rest (softmax, top-k, cache, bookkeeping)"] = sum(totals[search]) / args.repeats - sum(
-                timed.values())
-            print(f"{args.width}, N = {args.num_images:,}, batch {batch}, {search}: {1000 * total:.1f} ms per batch "
+                search(name, queries)
+                totals[name].append(time.perf_counter() - start)
+                for part, seconds in spent.items():
+                    parts[name][part] += seconds / args.repeats
+        for name, timed in parts.items():
+            total, mean = statistics.median(totals[name]), sum(totals[name]) / args.repeats
+            if timed:  # the generative searches: what the hooks did not see is the search's own work
+                timed["rest (softmax, top-k, cache, bookkeeping)"] = mean - sum(timed.values())
+            print(f"{args.width}, N = {args.num_images:,}, batch {batch}, {name}: {1000 * total:.1f} ms per batch "
                   f"(median), {1000 * total / batch:.2f} ms per query")
-            mean = sum(totals[search]) / args.repeats
-            for name, seconds in timed.items():
-                print(f"  {name:<44}{1000 * seconds:>9.2f} ms  {100 * seconds / mean:>5.1f}%")
-        ratios = [g / t for g, t in zip(totals["generate"], totals["trie"])]
-        print(f"  generate / trie, median of {args.repeats} alternating pairs: {statistics.median(ratios):.2f}x")
+            for part, seconds in timed.items():
+                print(f"  {part:<44}{1000 * seconds:>9.2f} ms  {100 * seconds / mean:>5.1f}%")
+        for slower, faster in (("generate", "trie"), ("trie", "dense (faiss IVF)")):
+            ratio = statistics.median([a / b for a, b in zip(totals[slower], totals[faster])])
+            print(f"  {slower} / {faster}, median over {args.repeats} alternating rounds: {ratio:.2f}x")
+
 
 if __name__ == "__main__":
     main()
