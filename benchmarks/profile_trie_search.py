@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Where the time of one generative query batch goes, in the trie beam search (`search="trie"`) and in
 `model.generate`: the T5 encoder, the decoder layers, the LM head, the trie's candidate lists, and the rest
-(log-softmax, top-k, cache reordering, decoding ids back to images); beside them the dual encoder's text encoder
-+ a faiss IVF search over N random embeddings (--ivf_* as in bench_retrieval_latency; sqrt(N) lists by default). Random weights, rq ids of 4 levels x 256
-codes (`bench_retrieval_latency.rq_table`), 10 beams, 12-token queries; the parts are timed with forward hooks
-and wrappers over `--repeats` calls of each, the two searches alternating.
+(log-softmax, top-k, cache reordering, decoding ids back to images). Beside them, the dual encoder's text encoder
+and a faiss IVF search over N random embeddings (--ivf_* as in bench_retrieval_latency; sqrt(N) lists by
+default). Random weights, rq ids of 4 levels x 256 codes (`bench_retrieval_latency.rq_table`), 10 beams, 12-token
+queries. The parts are timed with forward hooks and wrappers over `--repeats` rounds in which the three searches
+alternate, so a change in the machine's load hits all of them; the ratios are medians over rounds.
 
     python benchmarks/profile_trie_search.py --width tiny --num_images 100000 --batches 1 32 --threads 1
 """
