@@ -106,6 +106,8 @@ class IdTrie:
         max_token = 0
         for depth in range(width):  # column by column: no copy of the whole table
             values = column(depth, np.flatnonzero(lengths > depth))
+            if len(values) == 0:  # a column no id reaches (a table wider than its longest id)
+                continue
             if int(values.min()) < 0:
                 raise ValueError("Identifier token ids must be non-negative.")
             if int(values.max()) >= 2 ** 31:
