@@ -56,9 +56,10 @@ RECIPE_ROWS = {
     "recipe, captioning kept on": ["--keep_captioning", "True"],
     "recipe, no pseudo-queries": ["--pseudo_query_at", "none"],
     "recipe, re-ranking weight 0.8": ["--rerank_weight", "0.8"],
-    "recipe, copies of training captions dropped": ["--pseudo_query_drop_copies", "True"],
-    "recipe, copies dropped, 30 pseudo-queries written per image": ["--pseudo_query_drop_copies", "True",
-                                                                    "--num_pseudo_queries", "30"],
+    "recipe, copies of training captions kept": ["--pseudo_query_drop_copies", "False"],
+    "recipe, 10 pseudo-queries written per image": ["--num_pseudo_queries", "10"],
+    "recipe, 10 written, copies kept (the default before issue #21's second round)": [
+        "--num_pseudo_queries", "10", "--pseudo_query_drop_copies", "False"],
 }
 MODELS = {  # the dual encoder first: later rows read its embeddings
     **RECIPE_ROWS,
