@@ -18,6 +18,10 @@ every generative row is also re-ranked by it (`--rerank_with`, the rr columns; w
 command, since its dense stage is this same run). Prints the table and writes it as JSON (--output_json): a list
 of rows with `model`, the keys of all_results.json, `caption_bleu` and `train_seconds`. Held-out = captions of
 images only ever indexed.
+
+Ways of fusing the beam with the dual encoder are compared without retraining by `benchmarks/rescore_fusion.py
+--run OUTPUT_DIR` (one finished run; seconds per variant). The figures of both, issue #21's seen-gap levers,
+are in docs/recipe.md ("Closing the seen gap").
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ RECIPE_ROWS = {
     "recipe, captioning kept on": ["--keep_captioning", "True"],
     "recipe, no pseudo-queries": ["--pseudo_query_at", "none"],
     "recipe, re-ranking weight 0.8": ["--rerank_weight", "0.8"],
+    "recipe, copies of training captions kept": ["--pseudo_query_drop_copies", "False"],
+    "recipe, 10 pseudo-queries written per image": ["--num_pseudo_queries", "10"],
+    "recipe, 10 written, copies kept (the default before issue #21's second round)": [
+        "--num_pseudo_queries", "10", "--pseudo_query_drop_copies", "False"],
 }
 MODELS = {  # the dual encoder first: later rows read its embeddings
     **RECIPE_ROWS,

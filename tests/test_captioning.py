@@ -14,7 +14,7 @@ from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration
 from vit_t5_dsi.data.rows import CAPTIONING, PSEUDO_QUERY, RETRIEVAL, DSICollator, training_stream
 from vit_t5_dsi.checkpoint.errors import CollectionError
-from vit_t5_dsi.training.pseudo_queries import PseudoQueries
+from vit_t5_dsi.training.pseudo_queries import PseudoQueries, RoundTripFilter
 from vit_t5_dsi.checkpoint.ranking import rank_by_generation
 
 
@@ -190,7 +190,7 @@ def test_standalone_pseudo_queries_resume_and_train(tmp_path):
 
 def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise():
     from vit_t5_dsi.training.arguments import DataArguments, ModelArguments
-    from vit_t5_dsi.training.recipe import RECIPE_PSEUDO_QUERIES, resolve_recipe
+    from vit_t5_dsi.training.recipe import NUM_PSEUDO_QUERIES, RECIPE_PSEUDO_QUERIES, resolve_recipe
 
     model_args, data_args = ModelArguments(), DataArguments(karpathy_json="data.json", image_dir=".")
     resolve_recipe(model_args, data_args)
@@ -211,6 +211,11 @@ def test_pseudo_queries_are_written_for_uncaptioned_images_unless_told_otherwise
     unfiltered = DataArguments()
     resolve_recipe(ModelArguments(dense_first=False), unfiltered)  # no dual encoder to filter with
     assert unfiltered.pseudo_query_at == "0.2" and unfiltered.pseudo_query_filter_top_k == 0
+    # 30 written per image and copies dropped only where the filter runs; flags given are kept
+    assert unfiltered.num_pseudo_queries == NUM_PSEUDO_QUERIES and unfiltered.pseudo_query_drop_copies is False
+    given = DataArguments(num_pseudo_queries=5, pseudo_query_drop_copies=False)
+    resolve_recipe(ModelArguments(), given)
+    assert given.num_pseudo_queries == 5 and given.pseudo_query_drop_copies is False
     dense = DataArguments()
     resolve_recipe(ModelArguments(variant="dual_encoder"), dense)
     assert dense.captioning_ratio == 0.0 and dense.pseudo_query_at is None
@@ -223,3 +228,40 @@ def test_pseudo_query_fractions_become_epoch_boundaries():
     assert epochs_for_fractions([0.2, 0.5], 10) == [2, 5]
     assert epochs_for_fractions([0.9], 3) == [2]  # never at the end of training
     assert epochs_for_fractions([0.2], 1) == []  # one epoch has no boundary to write them at
+
+
+class _RanksByText:
+    """A stand-in dual encoder for RoundTripFilter: each text's rank of its own image is given."""
+
+    def __init__(self, ranks: dict[str, int]):
+        self.ranks, self.seen_texts = ranks, []
+
+    def gold_ranks(self, texts, gold_positions, index):
+        self.seen_texts.extend(texts)
+        return torch.tensor([self.ranks[text] for text in texts]).numpy()
+
+
+class _Positions:
+    def positions_of(self, keys):
+        return torch.arange(len(keys)).numpy()
+
+
+def test_round_trip_filter_drops_copies_of_another_images_training_caption():
+    """A pseudo-query that is another image's training caption (case and spacing ignored) is dropped before the
+    round trip and is never an image's fallback: it would give that caption a second label."""
+    ranks = {"a red circle": 0, "a blue square": 0, "a red  Square": 0, "a green diamond": 0, "a tiny dot": 2}
+    reranker = _RanksByText(ranks)
+    training = {"train1": ["a red square", "centre: red square"], "held2": ["a green diamond"]}
+    keep = RoundTripFilter(reranker, _Positions(), top_k=1, training_captions=training)
+    kept = keep({"held1": ["a red circle", "a red  Square"], "held2": ["a green diamond", "a tiny dot"],
+                 "held3": ["a blue square"]})
+    # held1 loses the copy of train1's caption though the dual encoder ranked held1 first for it;
+    # held2's own training caption is not a copy; held3 keeps its passing query
+    assert kept == {"held1": ["a red circle"], "held2": ["a green diamond"], "held3": ["a blue square"]}
+    assert "a red  Square" not in reranker.seen_texts
+    assert keep.last_summary["filter_copies_dropped"] == 1 and keep.last_summary["filter_written"] == 5
+    # an image whose only queries are copies keeps none (it is then indexed only), not a copy as its fallback
+    assert keep({"held4": ["A red square"]}) == {}
+    # without training captions nothing counts as a copy (the filter as before)
+    assert RoundTripFilter(_RanksByText(ranks), _Positions(), top_k=1)({"held1": ["a red  Square"]}) == {
+        "held1": ["a red  Square"]}

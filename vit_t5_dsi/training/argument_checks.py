@@ -119,7 +119,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                          "image cache is shared by the workers and outlives them (--image_cache_mb).")
     if data_args.image_cache_mb < 0:
         raise UsageError(f"--image_cache_mb must be >= 0 (0 = no cache), got {data_args.image_cache_mb}.")
-    if data_args.num_pseudo_queries < 1:
+    if data_args.num_pseudo_queries is not None and data_args.num_pseudo_queries < 1:
         raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
     if training_args.retrieval_k < 1:
         raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")

@@ -151,8 +151,13 @@ class DataArguments:
     pseudo_query_filter_top_k: int | None = field(default=None, metadata={
         "help": "Keep a written pseudo-query only when the dual encoder (--dense_first or --rerank_with) ranks its own "
                 "image within this many of all indexed images (every image keeps its best one); 0 = keep all."})
-    num_pseudo_queries: int = field(default=10, metadata={
-        "help": "Pseudo-queries sampled per image (before deduplication), for --pseudo_query_epochs."})
+    pseudo_query_drop_copies: bool | None = field(default=None, metadata={
+        "help": "With the round-trip filter: drop a written pseudo-query that is a training caption of another image "
+                "(case and spacing ignored); it describes that image, and would lead its caption to this one's id. "
+                "Default: on in the recipe (docs/recipe.md has the measurements)."})
+    num_pseudo_queries: int | None = field(default=None, metadata={
+        "help": "Pseudo-queries sampled per image (before deduplication), for --pseudo_query_epochs / "
+                "--pseudo_query_at (default: 30 in the recipe, which filters them; 10 otherwise)."})
     pseudo_query_rows_per_image: int | None = field(default=None, metadata={
         "help": "Pseudo-query rows per image per epoch for --pseudo_query_epochs (default --num_pseudo_queries); a "
                 "row takes the image's next distinct pseudo-query, so distinct ones repeat when there are fewer."})

@@ -152,15 +152,35 @@ class RoundTripFilter:
     queries the same way): its rank among all indexed images must be below `top_k`. A wrong pseudo-query that
     describes another image teaches the generative model to write that image's id for the other image's captions,
     which is what costs seen-caption quality; every image keeps at least `min_per_image` of its best-ranked ones,
-    so no image loses its only path from text to its id."""
+    so no image loses its only path from text to its id.
 
-    def __init__(self, reranker, index, top_k: int = 3, min_per_image: int = 1):
+    `training_captions` (image key -> its training captions): a pseudo-query that *is* a training caption of
+    another image (case and spacing ignored) is dropped before any ranking, and is never an image's fallback
+    either. It certainly describes that other image, and trained on as this image's query it gives one text two
+    labels: the other image's caption would then lead to this image's id."""
+
+    def __init__(self, reranker, index, top_k: int = 3, min_per_image: int = 1,
+                 training_captions: dict[str, Sequence[str]] | None = None):
         self.reranker, self.index, self.top_k, self.min_per_image = reranker, index, top_k, min_per_image
+        self.captioned_by: dict[str, set[str]] = {}
+        for key, texts in (training_captions or {}).items():
+            for text in texts:
+                self.captioned_by.setdefault(_normalised(text), set()).add(str(key))
         self.last_summary: dict[str, float] = {}
 
+    def is_copy(self, key: str, text: str) -> bool:
+        """`text` is a training caption of an image other than `key`."""
+        return bool(self.captioned_by.get(_normalised(text), set()) - {str(key)})
+
     def __call__(self, queries: dict[str, list[str]]) -> dict[str, list[str]]:
+        written = sum(len(texts) for texts in queries.values())
+        queries = {key: [text for text in texts if not self.is_copy(key, text)] for key, texts in queries.items()}
+        copies = written - sum(len(texts) for texts in queries.values())
+        queries = {key: texts for key, texts in queries.items() if texts}
         pairs = [(key, text) for key, texts in queries.items() for text in texts]
         if not pairs:
+            self.last_summary = {"filter_top_k": self.top_k, "filter_written": written, "filter_kept": 0,
+                                 "filter_round_trip_hits": 0, "filter_copies_dropped": copies}
             return queries
         gold = self.index.positions_of([key for key, _ in pairs]).tolist()
         ranks = self.reranker.gold_ranks([text for _, text in pairs], gold, self.index)
@@ -174,12 +194,17 @@ class RoundTripFilter:
                 passing = sorted(scored)[:self.min_per_image]
             kept[key] = [text for _, _, text in sorted(passing, key=lambda entry: entry[1])]
         num_kept = sum(len(v) for v in kept.values())
-        self.last_summary = {"filter_top_k": self.top_k, "filter_written": len(pairs), "filter_kept": num_kept,
-                             "filter_round_trip_hits": int((ranks < self.top_k).sum())}
-        logger.info("Round-trip filter (dual encoder top-%d): kept %d of %d pseudo-queries (%d pass, the rest keep "
-                    "each image's best %d).", self.top_k, num_kept, len(pairs),
-                    self.last_summary["filter_round_trip_hits"], self.min_per_image)
+        self.last_summary = {"filter_top_k": self.top_k, "filter_written": written, "filter_kept": num_kept,
+                             "filter_round_trip_hits": int((ranks < self.top_k).sum()),
+                             "filter_copies_dropped": copies}
+        logger.info("Round-trip filter (dual encoder top-%d): kept %d of %d pseudo-queries (%d copies of another "
+                    "image's training caption dropped; %d pass, the rest keep each image's best %d).", self.top_k,
+                    num_kept, written, copies, self.last_summary["filter_round_trip_hits"], self.min_per_image)
         return kept
+
+
+def _normalised(text: str) -> str:
+    return " ".join(str(text).split()).lower()
 
 
 REFRESH_STATE_FILE = "pseudo_query_refresh.json"  # in checkpoints: which refreshes are done
