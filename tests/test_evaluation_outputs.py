@@ -86,7 +86,9 @@ def test_a_query_file_evaluates_a_checkpoint_without_its_collection(tmp_path, va
     assert again["eval_num_queries"] == metrics["eval_num_queries"]
     assert not any(key.startswith(("seen_", "index_")) for key in again)
     before, after = read_jsonl(out / "eval_predictions.jsonl"), read_jsonl(tmp_path / "eval" / "eval_predictions.jsonl")
-    assert [r["top_k"] for r in after] == [r["top_k"] for r in before]
+    for old, new in zip(before, after):  # another batching (7 vs 16 queries) moves scores by float rounding only
+        assert [h["image_key"] for h in new["top_k"]] == [h["image_key"] for h in old["top_k"]], old["query"]
+        assert [h["score"] for h in new["top_k"]] == pytest.approx([h["score"] for h in old["top_k"]], abs=1e-4)
     assert json.loads((tmp_path / "eval" / "all_results.json").read_text())["eval_hits@1"] == again["eval_hits@1"]
 
 
