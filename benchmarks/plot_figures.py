@@ -32,7 +32,8 @@ FIGURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MIB = 2 ** 20
 LABELS = {"seen_hits@1": "seen Hits@1", "eval_hits@1": "held-out Hits@1", "eval_hits@10": "held-out Hits@10",
           "seen_rerank_hits@1": "re-ranked seen Hits@1", "eval_rerank_hits@1": "re-ranked held-out Hits@1",
-          "seen_hits@10": "seen Hits@10", "index_hits@1": "index Hits@1"}
+          "seen_hits@10": "seen Hits@10", "index_hits@1": "index Hits@1", "eval_seen_hits@1": "seen Hits@1",
+          "eval_seen_rerank_hits@1": "re-ranked seen Hits@1", "eval_index_hits@1": "index Hits@1"}
 
 
 def footer(fig, data: dict, text: str | None = None) -> None:
@@ -69,14 +70,17 @@ def bars(data: dict, path: str) -> None:
 
 def latency(data: dict, path: str) -> None:
     """ms per query against N, per width; batch 1 solid, batch 32 dashed; plus memory against N."""
-    series = {"generative_ms_per_query": "generative (constrained beam)", "dense_matmul_ms_per_query": "dense, matmul",
+    series = {"generative_ms_per_query": "generative (generate + trie constraint)",
+              "trie_ms_per_query": "generative (trie beam search)", "dense_matmul_ms_per_query": "dense, matmul",
               "faiss_flat_ms_per_query": "dense, faiss flat", "faiss_ivf_ms_per_query": "dense, faiss IVF"}
     widths = sorted({row["width"] for row in data["rows"]}, key=["tiny", "small", "base"].index)
     fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4.8), squeeze=False)
     for ax, width in zip(axes[0], widths):
         for (key, label), colour in zip(series.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             for batch, style in ((1, "-"), (32, "--")):
-                rows = [r for r in data["rows"] if r["width"] == width and r["batch"] == batch]
+                rows = [r for r in data["rows"] if r["width"] == width and r["batch"] == batch and key in r]
+                if not rows:
+                    continue
                 ax.plot([r["num_images"] for r in rows], [r[key] for r in rows], style, marker="o", ms=3,
                         color=colour, label=f"{label}, batch {batch}")
         ax.set_xscale("log")
@@ -96,7 +100,7 @@ def latency(data: dict, path: str) -> None:
 
 def index_memory(data: dict, path: str) -> None:
     """Memory against N: dense embeddings and the old trie (bench_retrieval_latency), the CSR index (this file)."""
-    latency_rows = json.load(open(os.path.join(FIGURES, "retrieval_latency.json")))["rows"]
+    latency_rows = data["latency_rows"]  # the 2026-11-28 latency run's memory columns (dense embeddings, old trie)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for width, style in (("tiny", "-"), ("base", "--")):
         rows = [r for r in latency_rows if r["width"] == width and r["batch"] == 1]
@@ -139,7 +143,9 @@ def training_curve(data: dict, path: str) -> None:
     ax.set_ylabel("training loss")
     if evals:
         hax = axes[1][0]
-        keys = [k for k in ("eval_hits@1", "eval_hits@10", "seen_hits@1", "seen_hits@10", "index_hits@1")
+        # logged during training, the seen and index sets carry the eval_ group prefix (DSITrainer.log)
+        keys = [k for k in ("eval_hits@1", "eval_hits@10", "eval_rerank_hits@1", "seen_hits@1", "eval_seen_hits@1",
+                            "eval_seen_rerank_hits@1", "index_hits@1", "eval_index_hits@1")
                 if any(k in r for r in evals)]
         for key in keys:
             rows = [r for r in evals if key in r]
@@ -173,7 +179,7 @@ def training_curve(data: dict, path: str) -> None:
 DRAW = {"bars": bars, "latency": latency, "index_memory": index_memory, "training_curve": training_curve}
 
 
-def from_trainer_state(state_path: str, name: str) -> str:
+def from_trainer_state(state_path: str, name: str, run_command: str | None = None) -> str:
     """docs/figures/NAME.json from a run's trainer_state.json (losses, periodic evaluations, refresh steps)."""
     state = json.load(open(state_path, encoding="utf-8"))
     rows = []
@@ -191,8 +197,8 @@ def from_trainer_state(state_path: str, name: str) -> str:
             refreshes.append({"epoch": epoch, "step": step, "written": pq.get("filter_written"),
                               "kept": pq.get("filter_kept")})
     data = {"kind": "training_curve", "figure": f"training curve of {os.path.dirname(state_path) or '.'}",
-            "command": f"python benchmarks/plot_figures.py --from_trainer_state {state_path} --name {name} "
-                       "(the run's own command is in its training_args.bin / README.md)",
+            "command": (f"{run_command}; then " if run_command else "") +
+                       f"python benchmarks/plot_figures.py --from_trainer_state {state_path} --name {name}",
             "measured": "log_history of " + state_path, "pseudo_query_refreshes": refreshes, "rows": rows}
     path = os.path.join(FIGURES, f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:
@@ -208,9 +214,10 @@ def main() -> None:
     parser.add_argument("--from_trainer_state", metavar="PATH", help="First turn this trainer_state.json into "
                         "docs/figures/NAME.json (a training curve).")
     parser.add_argument("--name", default="hits_vs_steps", help="Name of that figure (default hits_vs_steps).")
+    parser.add_argument("--run_command", default=None, help="The command that made that run, shown under the figure.")
     args = parser.parse_args()
     if args.from_trainer_state:
-        from_trainer_state(args.from_trainer_state, args.name)
+        from_trainer_state(args.from_trainer_state, args.name, args.run_command)
     for source in sorted(glob.glob(os.path.join(FIGURES, "*.json"))):
         data = json.load(open(source, encoding="utf-8"))
         target = source[:-len(".json")] + ".png"
