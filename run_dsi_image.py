@@ -86,12 +86,8 @@ def main(argv=None) -> dict[str, float]:
     # 6. what trains beside the real captions: pseudo-queries, kept where the dual encoder finds their image
     reranker = dense_reranker(model_args, data_args, index, dense)
     references = splits.held_out_captions()
-    training_captions = {}
-    if data_args.pseudo_query_drop_copies:
-        for key, caption in zip(splits.train_queries["image_key"][:], train_captions):
-            training_captions.setdefault(key, []).append(caption)
-    query_filter = (RoundTripFilter(reranker, index, data_args.pseudo_query_filter_top_k,
-                                    training_captions=training_captions)
+    query_filter = (RoundTripFilter(reranker, index, data_args.pseudo_query_filter_top_k, training_captions=(
+                        splits.training_captions() if data_args.pseudo_query_drop_copies else None))
                     if data_args.pseudo_query_filter_top_k and reranker is not None else None)
     pseudo_queries, refresh = pseudo_queries_for(data_args, training_args, splits, images, processor, references,
                                                  query_filter)

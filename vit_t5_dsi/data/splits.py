@@ -43,10 +43,18 @@ class DSISplits:
 
     def held_out_captions(self) -> dict[str, list[str]]:
         """Held-out image key -> its real captions: the references of caption-quality metrics (never trained on)."""
-        references: dict[str, list[str]] = {}
-        for key, caption in zip(self.eval_queries["image_key"][:], self.eval_queries["caption"][:]):
-            references.setdefault(key, []).append(caption)
-        return references
+        return _captions_by_image(self.eval_queries)
+
+    def training_captions(self) -> dict[str, list[str]]:
+        """Training image key -> its training captions (what the pseudo-query filter checks copies against)."""
+        return _captions_by_image(self.train_queries)
+
+
+def _captions_by_image(rows: datasets.Dataset) -> dict[str, list[str]]:
+    captions: dict[str, list[str]] = {}
+    for key, caption in zip(rows["image_key"][:], rows["caption"][:]):
+        captions.setdefault(key, []).append(caption)
+    return captions
 
 
 def sample_rows(rows: datasets.Dataset, count: int, seed: int) -> datasets.Dataset:

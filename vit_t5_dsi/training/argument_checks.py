@@ -37,26 +37,24 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
         raise UsageError("--validation_file without --train_file evaluates a trained checkpoint on its queries: pass "
                          "--model_name_or_path CKPT --do_train False (or --train_file to train on a JSONL "
                          "collection).")
-    if data_args.max_index_eval_images < 0:
-        raise UsageError(f"--max_index_eval_images must be >= 0 (0 = no indexing evaluation), got "
-                         f"{data_args.max_index_eval_images}.")
-    for flag, value in (("--max_train_samples", data_args.max_train_samples),
-                        ("--max_eval_samples", data_args.max_eval_samples)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}.")
-    if data_args.eval_queries_during_training < 0:
-        raise UsageError(f"--eval_queries_during_training must be >= 0 (0 = all), got "
-                         f"{data_args.eval_queries_during_training}.")
+    for flag, value, least, meaning in (  # numeric flags with a lower bound (None: not given)
+            ("--max_index_eval_images", data_args.max_index_eval_images, 0, " (0 = no indexing evaluation)"),
+            ("--max_train_samples", data_args.max_train_samples, 1, ""),
+            ("--max_eval_samples", data_args.max_eval_samples, 1, ""),
+            ("--eval_queries_during_training", data_args.eval_queries_during_training, 0, " (0 = all)"),
+            ("--semantic_num_clusters", model_args.semantic_num_clusters, 2, ""),
+            ("--semantic_max_leaf_size", model_args.semantic_max_leaf_size, 1, ""),
+            ("--rq_num_levels", model_args.rq_num_levels, 1, ""),
+            ("--rq_codes_per_level", model_args.rq_codes_per_level, 2, ""),
+            ("--pseudo_query_filter_top_k", data_args.pseudo_query_filter_top_k, 0, " (0 = keep all)"),
+            ("--pseudo_query_rows_per_image", data_args.pseudo_query_rows_per_image, 1, ""),
+            ("--image_cache_mb", data_args.image_cache_mb, 0, " (0 = no cache)"),
+            ("--num_pseudo_queries", data_args.num_pseudo_queries, 1, ""),
+            ("--retrieval_k", training_args.retrieval_k, 1, "")):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be >= {least}{meaning}, got {value}.")
     if data_args.indexing_ratio is not None and not 0.0 < data_args.indexing_ratio <= 1.0:
         raise UsageError(f"--indexing_ratio must be in (0, 1], got {data_args.indexing_ratio}.")
-    if model_args.semantic_num_clusters < 2:
-        raise UsageError(f"--semantic_num_clusters must be >= 2, got {model_args.semantic_num_clusters}.")
-    if model_args.semantic_max_leaf_size is not None and model_args.semantic_max_leaf_size < 1:
-        raise UsageError(f"--semantic_max_leaf_size must be >= 1, got {model_args.semantic_max_leaf_size}.")
-    if model_args.rq_num_levels < 1:
-        raise UsageError(f"--rq_num_levels must be >= 1, got {model_args.rq_num_levels}.")
-    if model_args.rq_codes_per_level is not None and model_args.rq_codes_per_level < 2:
-        raise UsageError(f"--rq_codes_per_level must be >= 2, got {model_args.rq_codes_per_level}.")
     generative = model_args.variant != DUAL_ENCODER
     if model_args.dense_first:
         if not generative:
@@ -103,26 +101,15 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments,
                              "(a file of them) exclude each other.")
         if data_args.captioning_ratio <= 0:
             raise UsageError("--pseudo_query_at needs --captioning_ratio > 0: the model must learn to caption.")
-    if data_args.pseudo_query_filter_top_k < 0:
-        raise UsageError(f"--pseudo_query_filter_top_k must be >= 0 (0 = keep all), got "
-                         f"{data_args.pseudo_query_filter_top_k}.")
     if (data_args.pseudo_query_filter_top_k and generative and not model_args.dense_first
             and model_args.rerank_with is None):
         raise UsageError("--pseudo_query_filter_top_k needs a dual encoder to filter with: --dense_first or "
                          "--rerank_with.")
-    if data_args.pseudo_query_rows_per_image is not None and data_args.pseudo_query_rows_per_image < 1:
-        raise UsageError(f"--pseudo_query_rows_per_image must be >= 1, got {data_args.pseudo_query_rows_per_image}.")
     if (training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0
             and (data_args.augment or pseudo_query_epochs(data_args) or pseudo_query_fractions(data_args))):
         raise UsageError("--dataloader_persistent_workers keeps the first epoch's copy of the collator in every "
                          "worker, so its crops (--augment) and pseudo-queries would never change. Leave it off: the "
                          "image cache is shared by the workers and outlives them (--image_cache_mb).")
-    if data_args.image_cache_mb < 0:
-        raise UsageError(f"--image_cache_mb must be >= 0 (0 = no cache), got {data_args.image_cache_mb}.")
-    if data_args.num_pseudo_queries is not None and data_args.num_pseudo_queries < 1:
-        raise UsageError(f"--num_pseudo_queries must be >= 1, got {data_args.num_pseudo_queries}.")
-    if training_args.retrieval_k < 1:
-        raise UsageError(f"--retrieval_k must be >= 1, got {training_args.retrieval_k}.")
     if training_args.fp16 and model_args.variant != DUAL_ENCODER and not training_args.allow_fp16_t5:
         raise UsageError("--fp16 with T5 overflows (NaN losses): use --bf16, or fp32 on GPUs without bf16. "
                          "Pass --allow_fp16_t5 to try anyway.")

@@ -106,5 +106,5 @@ def end_distributed_run() -> None:
         state.destroy_process_group()
 
 
-__all__ = ["local_process_count", "broadcast_from_main", "digest", "check_identical_on_every_process", "apply_collective_timeout",
-           "end_distributed_run"]
+__all__ = ["local_process_count", "broadcast_from_main", "digest", "check_identical_on_every_process",
+           "apply_collective_timeout", "end_distributed_run"]

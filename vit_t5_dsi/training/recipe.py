@@ -22,8 +22,9 @@ RQ_CELLS_PER_IMAGE = 4  # default rq codes per level: enough cells that few imag
 OWN_DUAL_ENCODER = "own"
 RECIPE_IDS = dict(docid_scheme="rq", dense_first=True, start_from_dense=True, rerank_with="dense_first")
 # 30 written per image (10 before) and copies of another image's training caption dropped: on the demo, more
-# pseudo-queries pass the filter for nearly every held-out image (182 that pass it, for 54 images, instead of 97 for 44), and a
-# copy would give one caption two ids (issue #21: seen Hits@1 0.771 -> 0.796, held-out 0.733 -> 0.794).
+# pseudo-queries pass the filter for nearly every held-out image (182 that pass it, for 54 images, instead of 97
+# for 44), and a copy would give one caption two ids (issue #21: seen Hits@1 0.771 -> 0.796, held-out 0.733 ->
+# 0.794, measured before the deterministic caption tokenizer).
 RECIPE_PSEUDO_QUERIES = dict(captioning_ratio=0.5, pseudo_query_at="0.2", num_pseudo_queries=30,
                              pseudo_query_rows_per_image=10, pseudo_query_images="uncaptioned",
                              pseudo_query_filter_top_k=1, pseudo_query_drop_copies=True)

@@ -56,8 +56,8 @@ def load_checkpoint_weights(model, checkpoint: str) -> None:
 
 
 def last_checkpoint(directory: str) -> str | None:
-    """The latest complete `checkpoint-N` of `directory` (a run, or an interrupted dense stage, resumes from there), or None; a
-    folder the run was killed while writing is skipped."""
+    """The latest complete `checkpoint-N` of `directory` (a run, or an interrupted dense stage, resumes from
+    there), or None; a folder the run was killed while writing is skipped."""
     complete = [path for path in glob.glob(os.path.join(directory, "checkpoint-*"))
                 if os.path.basename(path).split("-")[-1].isdigit() and checkpoint_is_complete(path)]
     return max(complete, key=lambda path: int(path.rsplit("-", 1)[-1])) if complete else None
@@ -103,5 +103,5 @@ def remove_unfinished_start(output_dir: str) -> list[str]:
     return leftovers
 
 
-__all__ = ["LATEST", "RESUME_STATE_FILE", "CheckpointMismatchError", "checkpoint_is_complete", "load_checkpoint_weights",
-           "last_checkpoint", "resolve_latest_checkpoint", "remove_unfinished_start"]
+__all__ = ["LATEST", "RESUME_STATE_FILE", "CheckpointMismatchError", "checkpoint_is_complete",
+           "load_checkpoint_weights", "last_checkpoint", "resolve_latest_checkpoint", "remove_unfinished_start"]

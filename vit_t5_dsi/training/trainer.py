@@ -83,7 +83,8 @@ class DSITrainer(HubPushMessages, Seq2SeqTrainer):
         evaluations during training rank at most this many queries per set (a fixed sample; 0 = all); the
         evaluation after training ranks them all."""
         if model is None or getattr(model, "image_index", None) is None:
-            raise ValueError("DSITrainer needs a model with an image index (model.image_index = ImageIndex.build(...)).")
+            raise ValueError("DSITrainer needs a model with an image index (model.image_index = "
+                             "ImageIndex.build(...)).")
         if kwargs.get("processing_class") is None:
             raise ValueError("DSITrainer needs processing_class=ViTT5DSIProcessor(...): every checkpoint saves it.")
         if args is not None and args.remove_unused_columns:
