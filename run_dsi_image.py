@@ -19,8 +19,7 @@ import logging
 import os
 import sys
 
-from vit_t5_dsi.checkpoint.atomic_io import disk_full_errno
-from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.checkpoint_io import disk_full_errno, UsageError
 from vit_t5_dsi.data.rows import ImageSource, evaluation_sets, training_stream
 from vit_t5_dsi.training.argument_checks import check_arguments
 from vit_t5_dsi.training.arguments import parse_args

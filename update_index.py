@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.checkpoint_io import UsageError
 
 
 @dataclass

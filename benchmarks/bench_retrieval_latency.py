@@ -6,12 +6,13 @@ For N indexed images (default 10K, 100K, 1M, 10M; base widths up to --base_max_s
 caption queries (12 tokens each), per-query latency of:
   generate:   encode the query with T5's encoder, then `model.generate` constrained by the trie's logits processor
               (10 beams, 10 returned), through `rank_by_generation(search="generate")`;
-  trie:       the same search through the trie beam search (`fixed_depth_search.py`, `search="trie"`), which
-              returns the same ranking;
+  trie:       the same search through the trie beam search (`trie_beam_search` in `id_trie.py`,
+              `search="trie"`), which returns the same ranking;
   dense:      encode the query (T5 encoder, pooled, projected), then one matrix product over N x d image embeddings
               in torch and a top-10;
   faiss flat / IVF: the same embeddings in a faiss flat (exact) and an IVF index built as the search surfaces build
-              it (`dense_search.py`: 4 sqrt(N) lists, 64 training points per list, 32 probed; --ivf_* change it).
+              it (`search_embeddings` in `ranking.py`: 4 sqrt(N) lists, 64 training points per list, 32 probed;
+              --ivf_* change it).
 Ids are rq ids of 4 levels x 256 codes (uneven code frequencies, a fifth position token only where ids collide),
 whose tokens come after the text vocabulary as `tokenizer.add_tokens` places them; `--scheme` picks another of
 bench_constrained_decoding's schemes (lists: small N only). Models have random weights (speed does not depend on
@@ -44,10 +45,9 @@ from bench_constrained_decoding import ID_SCHEMES  # noqa: E402
 from bench_index_memory import PeakRSS, coco_keys  # noqa: E402
 
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration  # noqa: E402
-from vit_t5_dsi.checkpoint.dense_search import (IVF_LISTS_PER_SQRT_N, IVF_NPROBE,  # noqa: E402
-                                                IVF_TRAINING_POINTS_PER_LIST)
+from vit_t5_dsi.checkpoint.ranking import (IVF_LISTS_PER_SQRT_N, IVF_NPROBE, IVF_TRAINING_POINTS_PER_LIST,
+                                           distinct_topk, rank_by_generation, rank_by_similarity)
 from vit_t5_dsi.checkpoint.image_index import ImageIndex  # noqa: E402
-from vit_t5_dsi.checkpoint.ranking import distinct_topk, rank_by_generation, rank_by_similarity  # noqa: E402
 
 PAD, EOS, QUERY_TOKENS, K = 0, 1, 12, 10
 VOCAB = {"tiny": 4096, "base": 32128}  # text vocabulary; rq code tokens are added after it

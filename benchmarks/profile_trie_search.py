@@ -25,7 +25,7 @@ from bench_retrieval_latency import (CODES, EOS, K, LEVELS, POSITION_TOKENS, QUE
                                      build_generative_index, dense_indexes)
 
 from vit_t5_dsi import ViTT5DSIConfig, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration  # noqa: E402
-from vit_t5_dsi.checkpoint import fixed_depth_search  # noqa: E402
+from vit_t5_dsi.checkpoint import id_trie  # noqa: E402
 from vit_t5_dsi.checkpoint.ranking import rank_by_generation  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def timed_parts(model):
         module.register_forward_pre_hook(lambda m, a, name=name: started.__setitem__(name, time.perf_counter()))
         module.register_forward_hook(lambda m, a, o, name=name: spent.__setitem__(
             name, spent[name] + time.perf_counter() - started[name]))
-    candidates = fixed_depth_search._candidates
+    candidates = id_trie._candidates
 
     def timed_candidates(*args):
         start = time.perf_counter()
@@ -46,7 +46,7 @@ def timed_parts(model):
         spent["trie candidates"] += time.perf_counter() - start
         return out
 
-    fixed_depth_search._candidates = timed_candidates
+    id_trie._candidates = timed_candidates
     return spent
 
 

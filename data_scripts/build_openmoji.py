@@ -36,7 +36,7 @@ import zlib
 
 from tqdm.auto import tqdm
 
-from vit_t5_dsi.checkpoint.atomic_io import atomic_write_text
+from vit_t5_dsi.checkpoint.checkpoint_io import atomic_write_text
 
 logger = logging.getLogger("build_openmoji")
 

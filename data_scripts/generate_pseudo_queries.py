@@ -31,7 +31,7 @@ from vit_t5_dsi.data.collection import check_images
 from vit_t5_dsi.data.collection_from_flags import collection_for
 from vit_t5_dsi.data.rows import ImageSource
 from vit_t5_dsi.data.splits import build_dsi_splits
-from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.checkpoint_io import UsageError
 from vit_t5_dsi.training.pseudo_queries import PseudoQueries, generate_pseudo_queries
 
 

@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 
 from vit_t5_dsi.training.arguments import DataArguments
 from vit_t5_dsi.data.collection import check_images, load_collection
-from vit_t5_dsi.checkpoint.errors import CollectionError
+from vit_t5_dsi.checkpoint.checkpoint_io import CollectionError
 from vit_t5_dsi.data.splits import build_dsi_splits
 
 

@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_args, tiny_config, write_images
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration
 from vit_t5_dsi.data.rows import CAPTIONING, PSEUDO_QUERY, RETRIEVAL, DSICollator, training_stream
-from vit_t5_dsi.checkpoint.errors import CollectionError
+from vit_t5_dsi.checkpoint.checkpoint_io import CollectionError
 from vit_t5_dsi.training.pseudo_queries import PseudoQueries, RoundTripFilter
 from vit_t5_dsi.checkpoint.ranking import rank_by_generation
 

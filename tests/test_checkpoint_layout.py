@@ -133,12 +133,12 @@ def test_an_unreachable_hub_repo_is_an_error_not_a_missing_index():
 
 def test_atomic_writes_keep_ordinary_permissions_and_reach_the_disk_before_the_rename(tmp_path, tokenizer,
                                                                                      monkeypatch):
-    import vit_t5_dsi.checkpoint.atomic_io as atomic_io
+    import vit_t5_dsi.checkpoint.checkpoint_io as checkpoint_io
 
     events = []
-    real_fsync, real_replace = atomic_io.os.fsync, atomic_io.os.replace
-    monkeypatch.setattr(atomic_io.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(atomic_io.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    real_fsync, real_replace = checkpoint_io.os.fsync, checkpoint_io.os.replace
+    monkeypatch.setattr(checkpoint_io.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(checkpoint_io.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     old_mask = os.umask(0o022)
     try:
         index = build_image_index([f"img{i}" for i in range(5)], tokenizer, "naive", )

@@ -11,7 +11,7 @@ from PIL import Image
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi.data.collection import CollectionError, check_images, load_hub_parquet, load_jsonl, load_karpathy
 from vit_t5_dsi.data.splits import build_dsi_splits
-from vit_t5_dsi.checkpoint.image_processing import load_rgb, to_rgb
+from vit_t5_dsi.checkpoint.processing_vit_t5_dsi import load_rgb, to_rgb
 from vit_t5_dsi.data.synthetic_scenes import generate_scenes, sample_scenes
 
 

@@ -7,8 +7,7 @@ import torch
 from conftest import tiny_config
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor
-from vit_t5_dsi.checkpoint.dense_reranking import DenseReranker
-from vit_t5_dsi.checkpoint.ranking import Ranking
+from vit_t5_dsi.checkpoint.ranking import DenseReranker, Ranking
 
 KEYS = [f"img{i}" for i in range(6)]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import vit_t5_dsi.checkpoint.dense_search as dense_search
+import vit_t5_dsi.checkpoint.ranking as dense_search
 from vit_t5_dsi.checkpoint.ranking import rank_by_similarity
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is part of the test extra")

@@ -340,9 +340,9 @@ def test_failed_save_keeps_the_previous_index(tmp_path, tokenizer, monkeypatch):
     index = build(tokenizer, "naive")
     index.save(tmp_path)
     original, files = (tmp_path / "image_index.json").read_text(), index_files(tmp_path)
-    import vit_t5_dsi.checkpoint.atomic_io
+    import vit_t5_dsi.checkpoint.checkpoint_io
 
-    monkeypatch.setattr(vit_t5_dsi.checkpoint.atomic_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(vit_t5_dsi.checkpoint.checkpoint_io.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     for columns in (False, True):
         with pytest.raises(OSError):
             build_image_index(KEYS[:7], tokenizer, "naive").save(tmp_path, columns=columns)

@@ -10,10 +10,12 @@ import torch
 
 from conftest import tiny_config
 from vit_t5_dsi import ViTT5DSIProcessor, build_image_index, model_class_for_variant
-from vit_t5_dsi.checkpoint.checkpoint_files import CODE_DIRECTORY, checkpoint_code_files
+from vit_t5_dsi.checkpoint.checkpoint_io import CODE_DIRECTORY, checkpoint_code_files
 
 PACKAGE = os.path.dirname(CODE_DIRECTORY)
 MAX_MODULE_LINES = 400
+# what every checkpoint carries stays small: fewer modules than the 13 it carried before the folder existed
+MAX_CHECKPOINT_MODULES = 12
 
 
 def package_modules() -> dict[str, str]:
@@ -106,6 +108,7 @@ def test_a_checkpoint_carries_exactly_the_checkpoint_folder(tmp_path, tokenizer,
     save_tiny_checkpoint(tmp_path, tokenizer, variant)
     carried = sorted(name for name in os.listdir(tmp_path) if name.endswith(".py"))
     assert carried == checkpoint_code_files()
+    assert len(carried) <= MAX_CHECKPOINT_MODULES, f"a checkpoint carries {len(carried)} modules: {carried}"
     assert not {"semantic_ids.py", "residual_quantization.py", "trainer.py", "build.py"} & set(carried)
 
 

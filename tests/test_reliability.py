@@ -21,9 +21,8 @@ import run_dsi_image
 from conftest import make_trainer, tiny_args, tiny_config
 from vit_t5_dsi.identifiers.build import build_image_index
 from vit_t5_dsi import ImageIndex, ViTT5DSIForConditionalGeneration, ViTT5DSIProcessor, load_dsi_model
-from vit_t5_dsi.checkpoint.atomic_io import (STAGING_PREFIX, DiskFullError, atomic_write, atomic_write_text, disk_full_error,
-                                  disk_full_errno)
-from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.checkpoint_io import (STAGING_PREFIX, atomic_write, atomic_write_text, disk_full_errno,
+                                                 disk_full_error, DiskFullError, UsageError)
 
 HF_TOKEN = "hf_fakeReliabilityCanary0123456789abcd"
 WANDB_KEY = "fakewandbcanary0123456789abcdef012345678"
@@ -308,7 +307,7 @@ def test_atomic_write_on_a_full_disk_names_the_folder_and_keeps_the_previous_fil
     assert_one_line_naming(caught.value, tmp_path)
     assert "state.json" in str(caught.value)
     # a full disk found only by fsync (delayed allocation, NFS) is the same error
-    monkeypatch.setattr("vit_t5_dsi.checkpoint.atomic_io.os.fsync", no_space)
+    monkeypatch.setattr("vit_t5_dsi.checkpoint.checkpoint_io.os.fsync", no_space)
     with pytest.raises(DiskFullError):
         atomic_write_text(tmp_path / "state.json", '{"step": 2}')
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import run_dsi_image
 import update_index
 from conftest import tiny_args
 from vit_t5_dsi import DSIRetriever, ImageIndex, add_images, build_image_index, load_dsi_model, remove_images
-from vit_t5_dsi.checkpoint.errors import UsageError
+from vit_t5_dsi.checkpoint.checkpoint_io import UsageError
 from vit_t5_dsi.identifiers.new_ids import ids_for_new_images
 from vit_t5_dsi.identifiers.residual_quantization import quantize_with_codebooks, residual_quantize
 from vit_t5_dsi.updates import short_update as short_update_module

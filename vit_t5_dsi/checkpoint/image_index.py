@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -11,12 +11,33 @@ import torch
 
 from .id_trie import IdTrie, TrieConstrainedLogitsProcessor, padded_token_table, prefix_allowed_tokens_fn
 from .image_index_files import EMBEDDINGS_FILE_NAME, ImageIndexFiles
-from .index_arrays import KeyColumn, KeyPositions, StringColumn
-from .token_table import IdStrings, TokenRows, TokenTable
+from .index_arrays import IdStrings, KeyColumn, StringColumn, TokenRows, TokenTable
 
 SCHEMES = ("naive", "atomic", "semantic", "rq")
 EMBEDDING_SCHEMES = ("semantic", "rq")  # the schemes built from image embeddings
 ATOMIC_TOKEN = "<img_{}>"
+
+
+class KeyPositions(Mapping):
+    """key -> position, answered by the key column (no per-image dict)."""
+
+    def __init__(self, keys: KeyColumn):
+        self._keys = keys
+
+    def __getitem__(self, key) -> int:
+        position = self._keys.position(str(key))
+        if position < 0:
+            raise KeyError(key)
+        return position
+
+    def __contains__(self, key) -> bool:
+        return self._keys.position(str(key)) >= 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class ImageIndex(ImageIndexFiles):
@@ -355,4 +376,4 @@ def is_inside(path: str, folder: str) -> bool:
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
-__all__ = ["ImageIndex", "is_inside", "SCHEMES", "EMBEDDING_SCHEMES", "ATOMIC_TOKEN"]
+__all__ = ["ImageIndex", "KeyPositions", "is_inside", "SCHEMES", "EMBEDDING_SCHEMES", "ATOMIC_TOKEN"]

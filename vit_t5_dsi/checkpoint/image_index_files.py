@@ -7,17 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-
-from .atomic_io import atomic_write, atomic_write_text
-from .checkpoint_files import (ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, CODEBOOKS_FILE_NAME, EMBEDDINGS_FILE_NAME,
-                               INDEX_FILE_NAME)
-from .index_arrays import KeyColumn, StringColumn, check_row_order
-from .token_table import IdStrings, TokenTable
-
+from .checkpoint_io import (ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, CODEBOOKS_FILE_NAME, EMBEDDINGS_FILE_NAME,
+                            INDEX_FILE_NAME, atomic_write, atomic_write_text)
+from .index_arrays import IdStrings, KeyColumn, StringColumn, TokenTable, packed_sort_keys
 
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "vit-t5-dsi image index", 2
 # Up to this many images an index is saved as one JSON file of lists (the first layout: readable, and loadable by
@@ -62,6 +59,31 @@ def index_file_names(directory: str | os.PathLike) -> list[str]:
     return sorted(name for name in os.listdir(directory)
                   if name in (INDEX_FILE_NAME, EMBEDDINGS_FILE_NAME, CODEBOOKS_FILE_NAME)
                   or (name.startswith(ARRAYS_FILE_PREFIX) and name.endswith(ARRAYS_FILE_SUFFIX)))
+
+
+def check_row_order(columns: Sequence[np.ndarray], order: np.ndarray, source: str) -> None:
+    """`order` is a permutation that sorts the rows strictly (so rows are also distinct); a ValueError if not."""
+    n = len(order)
+    if n and (int(order.min()) < 0 or int(order.max()) >= n):
+        raise ValueError(f"{source}: the identifier order is not a permutation of the images.")
+    seen = np.zeros(n, dtype=bool)
+    seen[order] = True
+    if not bool(seen.all()):
+        raise ValueError(f"{source}: the identifier order is not a permutation of the images.")
+    key = packed_sort_keys(columns)
+    if key is not None:
+        ordered = key[order]
+        increasing = bool((ordered[1:] > ordered[:-1]).all())
+    else:
+        less = np.zeros(max(n - 1, 0), dtype=bool)
+        decided = np.zeros(max(n - 1, 0), dtype=bool)
+        for column in columns:
+            a, b = column[order[:-1]], column[order[1:]]
+            less |= ~decided & (a < b)
+            decided |= a != b
+        increasing = bool(less.all())
+    if not increasing:
+        raise ValueError(f"{source}: two images share identifier tokens, or the identifier order is not sorted.")
 
 
 class ImageIndexFiles:

@@ -8,13 +8,12 @@ import os
 
 import torch
 
-from .checkpoint_files import DUAL_ENCODER_SUBFOLDER
+from .checkpoint_io import DUAL_ENCODER_SUBFOLDER, cannot_rerank_a_dual_encoder
 from .configuration_vit_t5_dsi import DUAL_ENCODER, ViTT5DSIConfig
-from .errors import cannot_rerank_a_dual_encoder
-from .dense_reranking import DenseReranker
 from .image_index_files import HUB_KWARGS, checkpoint_file
 from .modeling_vit_t5_dsi import ViTT5DSIDualEncoderModel, ViTT5DSIForConditionalGeneration, ViTT5DSIPreTrainedModel
 from .processing_vit_t5_dsi import ViTT5DSIProcessor
+from .ranking import DenseReranker
 
 logger = logging.getLogger(__name__)
 

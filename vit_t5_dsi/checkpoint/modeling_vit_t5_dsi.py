@@ -8,29 +8,22 @@ the only place where they differ is `_image_encoder_states`.
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    GenerationMixin,
-    PreTrainedModel,
-    T5EncoderModel,
-    T5ForConditionalGeneration,
-    TimmWrapperModel,
-    ViTModel,
-)
+from transformers import (GenerationMixin, PreTrainedModel, T5EncoderModel, T5ForConditionalGeneration,
+                          TimmWrapperModel, ViTModel)
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
-from .atomic_io import save_directory_atomically
+from .checkpoint_io import copy_checkpoint_code, save_directory_atomically
 from .configuration_vit_t5_dsi import GENERATIVE_VARIANTS, ViTT5DSIConfig
 from .image_index import ImageIndex
-from .checkpoint_files import copy_checkpoint_code
-from .modeling_outputs import DualEncoderOutput, GenerativeOutput
-from .tensor_ops import masked_mean, multi_positive_nce, normalised_mean_output, pad_and_stack
-from .vision_tower import build_vision_tower, load_pretrained_vision_tower, vision_tower_width
+from .modeling_blocks import (DualEncoderOutput, GenerativeOutput, build_vision_tower, load_pretrained_vision_tower,
+                              masked_mean, multi_positive_nce, normalised_mean_output, pad_and_stack,
+                              vision_tower_width)
 
 logger = logging.getLogger(__name__)
 

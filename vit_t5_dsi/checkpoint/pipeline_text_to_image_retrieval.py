@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
+from .checkpoint_io import NO_IMAGE_INDEX
 from .configuration_vit_t5_dsi import RETRIEVAL_TASK
-from .errors import NO_IMAGE_INDEX
 from .loading import RERANKER_SUBFOLDER, resolve_reranker
-from .query_checks import clean_text, upright_rgb
+from .processing_vit_t5_dsi import clean_text, upright_rgb
 from .ranking import rank_queries
 
 TASK = RETRIEVAL_TASK

@@ -1,20 +1,105 @@
-"""The processor of a vit-t5-dsi checkpoint: the image tower's image processor plus the caption tokenizer.
+"""The processor of a vit-t5-dsi checkpoint (the image tower's image processor plus the caption tokenizer), and what
+any image or query goes through before it reaches a model.
 
-It is the `processing_class` the trainer saves into every directory it writes (`checkpoint-N` included), so any
-checkpoint carries what turns a user's images and captions into model inputs, and `AutoProcessor` loads it
-(`trust_remote_code=True` outside this package).
+The processor is the `processing_class` the trainer saves into every directory it writes (`checkpoint-N`
+included), so any checkpoint carries what turns a user's images and captions into model inputs, and
+`AutoProcessor` loads it (`trust_remote_code=True` outside this package).
+
+Images: any image a collection may hold is decoded into the tensor the chosen image tower expects. That runs
+inside the collator, so in DataLoader workers when there are any, never in a model's forward pass. Query images
+are turned upright by their EXIF orientation (as `transformers.image_utils.load_image` does) and converted to RGB
+from any mode (CMYK, 16-bit grey, palette with transparency: `to_rgb`).
+
+Query text (`clean_text`, whoever sent it): control characters (a pasted NUL, an escape sequence) and
+bidirectional formatting controls (U+202E RIGHT-TO-LEFT OVERRIDE and kin, which make text display other than it
+reads) are removed, whitespace is collapsed; right-to-left scripts themselves (Arabic, Hebrew) are kept and
+searched like any text. Lone surrogates cannot reach the tokenizer. A query of any length is safe: the processor
+keeps its first `max_caption_length` tokens.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import unicodedata
 
+from PIL import Image
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from .atomic_io import save_directory_atomically
-from .image_processing import to_rgb
-from .optional_imports import optional_import
+from .checkpoint_io import optional_import, save_directory_atomically
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every PIL mode: transparency is composited on white (not black), palette/grey/CMYK converted."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned by its EXIF orientation (a phone photo stored sideways), as transformers' `load_image`
+    does; the image itself when it has none (or an unreadable EXIF block)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return image
+    if orientation == 1:
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def open_image(value, image_dir: str | None = None) -> Image.Image:
+    """A PIL image from a path, a `datasets` Image dict ({"bytes", "path"}), raw bytes or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if value is None:
+        raise ValueError("image is empty")
+    path = os.path.join(image_dir, value) if image_dir and not os.path.isabs(value) else value
+    return Image.open(path)
+
+
+def load_rgb(value, image_dir: str | None = None) -> Image.Image:
+    with open_image(value, image_dir) as image:
+        image.load()
+        return to_rgb(upright(image))
+
+
+# bidirectional formatting controls: embeddings, overrides, isolates and marks
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """`text` without control characters, bidirectional controls and lone surrogates (whitespace of any kind
+    becomes one space), and how many characters were removed."""
+    kept, removed = [], 0
+    for char in text:
+        if char.isspace():
+            kept.append(" ")
+        elif char in BIDI_CONTROLS or unicodedata.category(char) in ("Cc", "Cs"):
+            removed += 1
+        else:
+            kept.append(char)
+    return " ".join("".join(kept).split()), removed
+
+
+def upright_rgb(image):
+    """A PIL image as the model reads it: turned by its EXIF orientation, then RGB."""
+    return to_rgb(upright(image))
 
 
 class ViTT5DSIProcessor(ProcessorMixin):
@@ -95,8 +180,8 @@ class ViTT5DSIProcessor(ProcessorMixin):
             args = dict(vision.model_args or {})
             data_config = resolve_data_config(model=timm.create_model(vision.architecture, pretrained=False, **args))
             size = data_config["input_size"][-1]
-            image_processor = ViTImageProcessor(size={"height": size, "width": size},
-                                                image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
+            image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(data_config["mean"]),
+                                                image_std=list(data_config["std"]))
         else:
             size = config.image_size
             image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
@@ -106,4 +191,6 @@ class ViTT5DSIProcessor(ProcessorMixin):
 
 ViTT5DSIProcessor.register_for_auto_class()
 
-__all__ = ["ViTT5DSIProcessor"]
+
+__all__ = ["to_rgb", "upright", "open_image", "load_rgb", "clean_text", "upright_rgb", "BIDI_CONTROLS",
+           "ViTT5DSIProcessor"]

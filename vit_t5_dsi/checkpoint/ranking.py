@@ -1,16 +1,99 @@
-"""Rank the indexed images for a batch of queries: constrained beam search, or dot products (dual encoder)."""
+"""Rank the indexed images for a batch of queries: constrained beam search (`rank_by_generation`), dot products
+(a dual encoder: `search_embeddings`), and dense re-ranking of a generative top-k (`DenseReranker`).
+
+Dense search is the dual encoder's own search over the indexed images' embeddings, as a user would deploy it: faiss when
+it is installed (a flat inner-product index: exact, what evaluation uses; past `APPROXIMATE_ABOVE` images the search
+surfaces switch to an IVF index), else one matrix product in torch (exact). Embeddings are L2-normalised, so inner
+product is cosine.
+
+faiss is imported inside `try`: transformers' remote-code loader refuses a checkpoint whose code imports a missing
+module outside one, and a checkpoint must load where faiss is not installed.
+
+Dense re-ranking (GENIUS): a dual encoder re-scores the beam's candidates. Beam search is good at finding the right
+region of the collection and weaker at ordering the few images inside it; a dual encoder orders a handful of candidates
+cheaply (k dot products per query, no search over the whole collection). Both scores become log-probabilities over the k
+candidates and are mixed with one weight:
+
+    fused = (1 - weight) * log_softmax(generative log-prob) + weight * log_softmax(scale * cosine)
+
+where `scale` is the dual encoder's own learned temperature. weight 0 keeps the beam's order, 1 orders the beam's
+candidates by the dual encoder alone. Only the order changes: the candidates are the generative model's.
+"""
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from .dense_search import search_embeddings
-from .fixed_depth_search import trie_beam_search
+from .id_trie import trie_beam_search
 from .image_index import ImageIndex
+from .image_index_files import EMBEDDINGS_FILE_NAME
+
+# Up to this many images every search is exact (a flat index: at 1M x 256 floats one query batch is ~1 GFLOP, a few
+# ms); above it the pipeline, the retriever and the app search an IVF index (evaluation always stays exact).
+APPROXIMATE_ABOVE = 1_000_000
+# IVF: ~4 sqrt(N) lists, trained on at most 64 points per list (faiss' own guidance is 30-256), 32 lists probed
+IVF_LISTS_PER_SQRT_N, IVF_TRAINING_POINTS_PER_LIST, IVF_NPROBE = 4, 64, 32
+
+# built indexes by id of their embeddings tensor, dropped with the tensor (a tensor compares element-wise, so it
+# cannot key a WeakKeyDictionary)
+_built: dict[int, tuple] = {}
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_index_for(image_embeds: torch.Tensor, approximate: bool):
+    """The faiss index over `image_embeds` (built once per tensor and kind), or None without faiss or off the
+    CPU (a GPU matrix product is already what a flat GPU index does)."""
+    faiss = _faiss()
+    if faiss is None or image_embeds.device.type != "cpu":
+        return None
+    kind = "ivf" if approximate and len(image_embeds) > APPROXIMATE_ABOVE else "flat"
+    cached = _built.get(id(image_embeds))
+    if cached is not None and cached[:2] == (kind, image_embeds.data_ptr()):
+        return cached[2]
+    vectors = np.ascontiguousarray(image_embeds.detach().float().numpy())
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        lists = int(IVF_LISTS_PER_SQRT_N * math.sqrt(len(vectors)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), lists * IVF_TRAINING_POINTS_PER_LIST),
+                                                 replace=False)
+        index.train(vectors[np.sort(sample)])
+        index.nprobe = IVF_NPROBE
+    index.add(vectors)
+    if id(image_embeds) not in _built:
+        weakref.finalize(image_embeds, _built.pop, id(image_embeds), None)
+    _built[id(image_embeds)] = (kind, image_embeds.data_ptr(), index)
+    return index
+
+
+@torch.no_grad()
+def search_embeddings(queries: torch.Tensor, image_embeds: torch.Tensor, k: int, approximate: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, positions) per query by inner product; positions -1 where fewer than k images exist."""
+    k = min(k, len(image_embeds))
+    index = faiss_index_for(image_embeds, approximate)
+    if index is not None:
+        scores, positions = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return scores.astype(np.float32), positions.astype(np.int64)
+    similarity = queries.float() @ image_embeds.float().T
+    scores, positions = similarity.topk(k, dim=1)
+    return scores.cpu().numpy(), positions.cpu().numpy()
+
 
 SEARCHES = ("auto", "trie", "generate")
 # `generate` starts every query with one real beam and copies of it scored -1e9, and pads a step that has too few
@@ -121,4 +204,80 @@ def rank_queries(model, index: ImageIndex, k: int, input_ids=None, attention_mas
     return ranking
 
 
-__all__ = ["Ranking", "distinct_topk", "rank_by_generation", "rank_by_similarity", "rank_queries", "SEARCHES"]
+class DenseReranker:
+    """`load_dense_reranker(dual_encoder_checkpoint).rerank(ranking, texts, index)` (see `loading.py`)."""
+
+    def __init__(self, model, processor, weight: float = 0.5):
+        if not model.config.is_dual_encoder:
+            raise ValueError(f"Re-ranking needs a dual_encoder checkpoint, got variant {model.config.variant!r}.")
+        if model.image_index is None or model.image_index.embeddings is None:
+            raise ValueError(f"The dual encoder has no image embeddings ({EMBEDDINGS_FILE_NAME}) to re-rank with.")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"The re-ranking weight must be in [0, 1], got {weight}.")
+        self.model, self.processor, self.weight = model.eval(), processor, float(weight)
+        self._aligned: tuple[int, torch.Tensor] | None = None
+
+    def to(self, device) -> "DenseReranker":
+        self.model.to(device)
+        self._aligned = None
+        return self
+
+    def embeddings_for(self, index: ImageIndex) -> torch.Tensor:
+        """The dual encoder's image embeddings in `index`'s order; every image of `index` must have one."""
+        if self._aligned is not None and self._aligned[0] == id(index):
+            return self._aligned[1]
+        try:
+            aligned = self.model.image_index.embeddings_for(index.keys).float().to(self.model.device)
+        except ValueError as err:
+            raise ValueError(f"The re-ranking dual encoder has {err}: it was trained on another collection.") from err
+        self._aligned = (id(index), aligned)
+        return aligned
+
+    @torch.no_grad()
+    def rerank(self, ranking: Ranking, texts: list[str], index: ImageIndex) -> Ranking:
+        """Re-order each query's candidates (empty slots, -1, stay last)."""
+        if len(texts) != len(ranking.positions):
+            raise ValueError(f"{len(texts)} query texts for {len(ranking.positions)} ranked queries.")
+        batch = self.processor(text=list(texts)).to(self.model.device)
+        queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"]).float()
+        images = self.embeddings_for(index)
+        positions = torch.as_tensor(ranking.positions, device=images.device)
+        valid = positions >= 0
+        candidates = images[positions.clamp(min=0)]  # (B, k, d)
+        scale = self.model.logit_scale.clamp(max=4.6052).exp().float()
+        dense = (scale * torch.einsum("bd,bkd->bk", queries, candidates)).masked_fill(~valid, float("-inf"))
+        generative = torch.as_tensor(ranking.scores, device=images.device).float().masked_fill(~valid, float("-inf"))
+        fused = ((1 - self.weight) * _log_softmax(generative) + self.weight * _log_softmax(dense))
+        fused = fused.masked_fill(~valid, float("-inf"))
+        order = fused.argsort(dim=1, descending=True, stable=True)
+        new_positions = torch.gather(positions, 1, order).masked_fill(~torch.gather(valid, 1, order), -1)
+        return Ranking(new_positions.cpu().numpy().astype(np.int64),
+                       torch.gather(fused, 1, order).cpu().numpy().astype(np.float32))
+
+
+    @torch.no_grad()
+    def gold_ranks(self, texts: list[str], gold_positions: list[int], index: ImageIndex,
+                   batch_size: int = 256) -> np.ndarray:
+        """0-based rank of each text's gold image among all of `index`'s images under the dual encoder alone (a
+        round trip: does this text find its own image?)."""
+        images = self.embeddings_for(index)
+        ranks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.processor(text=list(texts[start:start + batch_size])).to(self.model.device)
+            queries = self.model.encode_texts(batch["input_ids"], batch["attention_mask"]).float()
+            scores = queries @ images.T
+            gold = torch.as_tensor(gold_positions[start:start + batch_size], device=scores.device)
+            gold_scores = scores.gather(1, gold[:, None])
+            ranks.append((scores > gold_scores).sum(1).cpu())
+        return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
+def _log_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the valid (finite) slots; a row without any stays -inf, never NaN."""
+    finite = torch.isfinite(scores)
+    safe = torch.where(finite, scores, torch.full_like(scores, -1e30))
+    return torch.where(finite, torch.log_softmax(safe, dim=1), scores)
+
+
+__all__ = ["search_embeddings", "faiss_index_for", "APPROXIMATE_ABOVE", "Ranking", "distinct_topk",
+           "rank_by_generation", "rank_by_similarity", "rank_queries", "SEARCHES", "DenseReranker"]

@@ -18,8 +18,8 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checkpoint.errors import CollectionError
-from ..checkpoint.image_processing import open_image
+from ..checkpoint.checkpoint_io import CollectionError
+from ..checkpoint.processing_vit_t5_dsi import open_image
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..checkpoint.image_processing import to_rgb
+from ..checkpoint.processing_vit_t5_dsi import to_rgb
 from .shared_image_slab import SharedImageSlab
 
 logger = logging.getLogger(__name__)

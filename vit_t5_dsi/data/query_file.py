@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
-from ..checkpoint.errors import CollectionError
+from ..checkpoint.checkpoint_io import CollectionError
 from .collection import _check_caption, _read_jsonl
 from .rows import RETRIEVAL, _rows
 

@@ -17,7 +17,7 @@ from .image_cache import DecodedImages
 from .splits import DSISplits
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
 from ..checkpoint.image_index import ImageIndex
-from ..checkpoint.image_processing import load_rgb
+from ..checkpoint.processing_vit_t5_dsi import load_rgb
 
 # `kind` of a row: image -> id, caption -> id, image -> caption (the caption decoder), and a pseudo-query slot
 # (caption -> id, whose caption the collator takes from the current pseudo-queries of that image)

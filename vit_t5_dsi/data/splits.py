@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 
 from .collection import ImageCollection
-from ..checkpoint.errors import CollectionError
+from ..checkpoint.checkpoint_io import CollectionError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..checkpoint.image_index import ATOMIC_TOKEN, ImageIndex
 from ..checkpoint.image_index_files import CODEBOOKS_FILE_NAME
 from .residual_quantization import CODE_TOKEN, quantize_with_codebooks

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint.optional_imports import optional_import
+from ..checkpoint.checkpoint_io import optional_import
 
 CODE_TOKEN = "<l{level}_c{code}>"
 

@@ -7,7 +7,7 @@ the collection and later tokens an image inside it. This was the largest single 
 from __future__ import annotations
 
 import numpy as np
-from ..checkpoint.optional_imports import optional_import
+from ..checkpoint.checkpoint_io import optional_import
 
 
 def _field_width(count: int) -> int:

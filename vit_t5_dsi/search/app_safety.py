@@ -2,11 +2,11 @@
 
 - Text: at most `MAX_QUERY_CHARS` characters (the model reads its first 64 tokens, a few hundred characters; a
   100,000-character paste is refused with a message rather than tokenised), control and bidirectional
-  formatting characters removed (`checkpoint.query_checks.clean_text`, which the pipeline applies too).
+  formatting characters removed (`checkpoint.processing_vit_t5_dsi.clean_text`, which the pipeline applies too).
 - Uploads are decoded here, not by Gradio, so every bad file gets a message in the page: empty, not an image,
   truncated, or over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89.5 M pixels: refused
   from the header, before any pixel is decoded); CMYK, 16-bit, palette and EXIF-rotated images are converted
-  upright to RGB (`query_checks.upright_rgb`).
+  upright to RGB (`processing_vit_t5_dsi.upright_rgb`).
 - Files: Gradio serves its own uploads and cache, the `allowed_paths` given to `launch` (the collection's image
   folder) and nothing else; `blocked_paths` (the checkpoint and its dense re-ranker) wins over both. Gradio
   resolves symlinks and `..` before it checks, and the pipeline never names a file outside the image folder
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from ..checkpoint.image_index import is_inside
-from ..checkpoint.query_checks import clean_text, upright_rgb
+from ..checkpoint.processing_vit_t5_dsi import clean_text, upright_rgb
 
 MAX_QUERY_CHARS = 2000
 MAX_UPLOAD = "20mb"  # Gradio's max_file_size: larger uploads are refused before they are stored

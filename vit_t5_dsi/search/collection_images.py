@@ -13,9 +13,9 @@ import os
 
 from PIL import Image
 
-from ..checkpoint.checkpoint_files import PROTOCOL_FILE  # run_dsi_image.py writes it; its "source" names the collection
+from ..checkpoint.checkpoint_io import PROTOCOL_FILE  # run_dsi_image.py writes it; its "source" names the collection
 from ..checkpoint.image_index_files import checkpoint_file
-from ..checkpoint.image_processing import load_rgb
+from ..checkpoint.processing_vit_t5_dsi import load_rgb
 
 logger = logging.getLogger(__name__)
 

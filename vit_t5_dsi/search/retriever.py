@@ -11,14 +11,13 @@ import warnings
 import numpy as np
 import torch
 
-from ..checkpoint.dense_reranking import DenseReranker
-from ..checkpoint.errors import NO_IMAGE_INDEX, cannot_rerank_a_dual_encoder
+from ..checkpoint.ranking import DenseReranker, rank_queries
+from ..checkpoint.checkpoint_io import NO_IMAGE_INDEX, cannot_rerank_a_dual_encoder
 from ..checkpoint.image_index_files import EMBEDDINGS_FILE_NAME
 from ..checkpoint.loading import RERANKER_SUBFOLDER, load_dsi_model, resolve_reranker
 from ..checkpoint.modeling_vit_t5_dsi import ViTT5DSIPreTrainedModel
 from ..checkpoint.pipeline_text_to_image_retrieval import _is_image
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
-from ..checkpoint.ranking import rank_queries
 
 
 class DSIRetriever:
@@ -26,7 +25,8 @@ class DSIRetriever:
 
     Text queries of a generative checkpoint are re-ranked by its own dual encoder (`dual_encoder/`, locally or on
     the Hub) when it carries one, as in the pipeline and the app; `rerank=False` turns it off, `rerank_with=` names
-    another dual-encoder checkpoint. Scores are then the fused log-probabilities (see `dense_reranking.py`)."""
+    another dual-encoder checkpoint. Scores are then the fused log-probabilities (see `DenseReranker` in
+    `checkpoint/ranking.py`)."""
 
     def __init__(self, model: ViTT5DSIPreTrainedModel, processor: ViTT5DSIProcessor,
                  reranker: DenseReranker | None = None, image_dir: str | None = None):

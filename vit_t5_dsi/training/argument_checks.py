@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
-from ..checkpoint.errors import UsageError, cannot_rerank_a_dual_encoder
+from ..checkpoint.checkpoint_io import UsageError, cannot_rerank_a_dual_encoder
 from .arguments import DataArguments, DSITrainingArguments, ModelArguments
 from .recipe import OWN_DUAL_ENCODER, pseudo_query_epochs, pseudo_query_fractions
 

@@ -20,10 +20,9 @@ import torch
 from accelerate import PartialState
 
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
-from ..checkpoint.dense_reranking import DenseReranker
-from ..checkpoint.errors import UsageError
-from ..checkpoint.checkpoint_files import (ALL_RESULTS_FILE, CONFIG_FILE, DUAL_ENCODER_SUBFOLDER, EMBEDDINGS_FILE_NAME,
-                                     INDEX_FILE_NAME, WEIGHTS_FILE)
+from ..checkpoint.ranking import DenseReranker
+from ..checkpoint.checkpoint_io import (ALL_RESULTS_FILE, CONFIG_FILE, DUAL_ENCODER_SUBFOLDER, EMBEDDINGS_FILE_NAME,
+                                        INDEX_FILE_NAME, WEIGHTS_FILE, UsageError)
 from ..checkpoint.loading import load_dense_reranker, load_dsi_model
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
 from ..data.rows import ImageSource, evaluation_sets, training_stream

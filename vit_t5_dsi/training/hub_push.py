@@ -13,7 +13,7 @@ import fnmatch
 import logging
 import os
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@ import logging
 import os
 import shutil
 
-from ..checkpoint.errors import UsageError
-from ..checkpoint.checkpoint_files import DUAL_ENCODER_SUBFOLDER, MODEL_FILES, RUN_RECORD_FILES
+from ..checkpoint.checkpoint_io import DUAL_ENCODER_SUBFOLDER, MODEL_FILES, RUN_RECORD_FILES, UsageError
 from ..checkpoint.image_index_files import index_file_names
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..checkpoint.atomic_io import atomic_write_text
+from ..checkpoint.checkpoint_io import atomic_write_text
 
 PREDICTIONS_FILE = "{prefix}_predictions.jsonl"
 

@@ -19,11 +19,9 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
-from ..checkpoint.atomic_io import atomic_write_text
-from ..checkpoint.errors import CollectionError
+from ..checkpoint.checkpoint_io import PSEUDO_QUERIES_FILE, atomic_write_text, CollectionError
 from . import fault_points
 from .image_embeddings import map_images
-from ..checkpoint.checkpoint_files import PSEUDO_QUERIES_FILE
 from .recipe import pseudo_query_epochs, pseudo_query_fractions
 
 logger = logging.getLogger(__name__)

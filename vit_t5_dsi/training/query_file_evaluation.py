@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..checkpoint.loading import load_dsi_model, resolve_reranker
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
 from ..data.query_file import load_query_file

@@ -6,7 +6,7 @@ Every default here was measured (docs/recipe.md has the ablations); a flag given
 from __future__ import annotations
 
 from ..checkpoint.configuration_vit_t5_dsi import DUAL_ENCODER
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 
 # The built-in demo (no data flags): 300 synthetic scenes; semantic leaves of at most 10 images, since with DSI's
 # c=100 a 300-image collection's last id token is an arbitrary position among ~100 images.

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..checkpoint.image_index import EMBEDDING_SCHEMES, ImageIndex
 from ..checkpoint.loading import load_dsi_model
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..checkpoint.atomic_io import atomic_write_text
-from ..checkpoint.checkpoint_files import PROTOCOL_FILE, PSEUDO_QUERIES_FILE
+from ..checkpoint.checkpoint_io import PROTOCOL_FILE, PSEUDO_QUERIES_FILE, atomic_write_text
 from ..checkpoint.image_index import EMBEDDING_SCHEMES
 from .recipe import pseudo_query_fractions
 

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, set_seed
 
 from ..checkpoint.configuration_vit_t5_dsi import ViTT5DSIConfig
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..checkpoint.loading import load_dsi_model, model_class_for_variant
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
 from ..data.caption_tokenizer import caption_tokenizer_from_str, train_caption_tokenizer

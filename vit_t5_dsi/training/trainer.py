@@ -23,8 +23,7 @@ from transformers.trainer_pt_utils import nested_gather
 
 from ..data.rows import DSICollator, ImageSource
 from ..data.splits import sample_rows
-from ..checkpoint.errors import cannot_rerank_a_dual_encoder
-from ..checkpoint.atomic_io import atomic_write_text, disk_full_error
+from ..checkpoint.checkpoint_io import atomic_write_text, cannot_rerank_a_dual_encoder, disk_full_error
 from . import fault_points
 from .distributed import local_process_count
 from .hub_push import HubPushMessages

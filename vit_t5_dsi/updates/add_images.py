@@ -14,7 +14,7 @@ import time
 import datasets
 import torch
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..data.rows import ImageSource
 from ..identifiers.new_ids import ids_for_new_images
 from ..training.image_embeddings import embed_images

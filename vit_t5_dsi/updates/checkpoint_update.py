@@ -16,9 +16,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from ..checkpoint.atomic_io import STAGING_PREFIX, atomic_write_text, save_directory_atomically
-from ..checkpoint.checkpoint_files import DUAL_ENCODER_SUBFOLDER, INDEX_FILE_NAME, PSEUDO_QUERIES_FILE, UPDATES_FILE
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import (DUAL_ENCODER_SUBFOLDER, INDEX_FILE_NAME, PSEUDO_QUERIES_FILE, STAGING_PREFIX,
+                                        UPDATES_FILE, atomic_write_text, save_directory_atomically, UsageError)
 from ..checkpoint.loading import load_dsi_model
 from ..checkpoint.processing_vit_t5_dsi import ViTT5DSIProcessor
 from ..training.model_card import updates_section

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import datasets
 from PIL import Image
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from ..data.collection import ImageCollection, check_images, load_hub_parquet, load_jsonl, load_karpathy
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

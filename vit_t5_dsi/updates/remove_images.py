@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from ..checkpoint.errors import UsageError
+from ..checkpoint.checkpoint_io import UsageError
 from .checkpoint_update import check_output_dir, load_checkpoint, write_checkpoint
 from ..training.pseudo_queries import PseudoQueries
 

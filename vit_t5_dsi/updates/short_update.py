@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..checkpoint.dense_reranking import DenseReranker
+from ..checkpoint.ranking import DenseReranker
 from ..data.rows import INDEXING, PSEUDO_QUERY, RETRIEVAL, ImageSource
 from ..training.arguments import DSITrainingArguments
 from ..training.pseudo_queries import PseudoQueries, RoundTripFilter, generate_pseudo_queries

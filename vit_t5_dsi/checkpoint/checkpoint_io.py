@@ -1,4 +1,18 @@
-"""Write files so that a crash or a full disk never leaves a half-written file where a good one was.
+"""A checkpoint folder and how its code reads and writes it safely.
+
+What a checkpoint folder holds: the names of its files (one list, read by every writer, cleaner and checker),
+and its code: every module of this folder, copied flat beside the weights.
+
+transformers' remote-code loader (`trust_remote_code=True`) imports a checkpoint's modules from its own folder, so
+they may import only each other (relative, flat) besides installed libraries. This folder is exactly that set: what
+is here is copied into every checkpoint, and nothing here imports from the rest of the package (a test checks
+both). Training-only code (identifier building, data, the trainer) lives outside it and never ships.
+
+Errors (`UsageError`, `CollectionError`) mean "the input is wrong", not "the code is wrong": the command-line scripts
+print these as one line and exit with status 2 (argparse's convention for usage errors); anything else keeps its
+traceback, because it is a bug worth reporting.
+
+Write files so that a crash or a full disk never leaves a half-written file where a good one was.
 
 `tempfile.mkstemp` creates files readable by their owner only (0600), and so does safetensors >= 0.8 for every
 file it writes (it saves through a temporary file and renames it: safetensors issue #782); a checkpoint shared
@@ -9,18 +23,50 @@ empty file behind it.
 A save that runs out of space (ENOSPC, or EDQUOT for a quota) raises `DiskFullError`, one line naming the folder,
 and leaves what the folder held before as it was: `atomic_write` for one file, `save_directory_atomically` for a
 whole `save_pretrained`.
+
+`optional_import` is for what only some features need (timm towers, k-means ids). The import sits in a `try` block on
+purpose: transformers scans remote-code files for imports and refuses to load a checkpoint when a module they name is
+missing, except for imports inside `try`. So a checkpoint saved with `trust_remote_code` loads without timm or
+scikit-learn when it does not use them.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from types import ModuleType
 from typing import TypeVar
 
-from .errors import UsageError
+
+class UsageError(ValueError):
+    """A bad flag, a bad flag combination, or a state of the output directory the run refuses to touch."""
+
+
+class CollectionError(UsageError):
+    """Bad input in a collection; the message names the file and the item."""
+
+
+# Refusals several entry points share (pipeline, retriever, trainer, flags), worded once.
+NO_IMAGE_INDEX = ("This model has no image index (image_index.json): it was never trained on a collection, so there is "
+                  "nothing to retrieve.")
+
+
+def cannot_rerank_a_dual_encoder(what: str = "Re-ranking") -> str:
+    """`what` (a flag or an argument) asks to re-rank where the model is a dual encoder."""
+    return f"{what} re-orders a generative model's top-k: the dual encoder ranks by itself."
+
+
+def optional_import(module: str, needed_for: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = {"sklearn": "scikit-learn"}.get(module.split(".")[0], module.split(".")[0])
+        raise ImportError(f"{needed_for} needs {package}: pip install {package}") from err
+
 
 T = TypeVar("T")
 
@@ -229,5 +275,50 @@ def _identity(path: str) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-__all__ = ["atomic_write", "atomic_write_text", "save_directory_atomically", "ordinary_mode", "disk_full_errno",
-           "disk_full_error", "DiskFullError", "DISK_FULL_ERRNOS", "STAGING_PREFIX"]
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights
+# the image index: the whole index (small collections) or a header naming its columns file
+INDEX_FILE_NAME = "image_index.json"
+ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX = "image_index-", ".safetensors"  # per-image columns (larger collections)
+EMBEDDINGS_FILE_NAME = "image_embeddings.safetensors"  # the indexed images' dense embeddings (dual encoder)
+# rq ids: the frozen codebooks (one (codes, dim) matrix per level, the extra level last), so images added later are
+# quantized with the very codes their ids were cut from (`vit_t5_dsi.updates`)
+CODEBOOKS_FILE_NAME = "rq_codebooks.safetensors"
+# a generative checkpoint's dual encoder (the run's dense stage): ids were cut from it, it re-ranks the beam
+DUAL_ENCODER_SUBFOLDER = "dual_encoder"
+# what makes a folder a model (not counting the image index's columns files, whose names carry a digest)
+MODEL_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, INDEX_FILE_NAME,
+               EMBEDDINGS_FILE_NAME, CODEBOOKS_FILE_NAME)
+# a training run's records beside its model (written by the trainer and run_dsi_image.py)
+ALL_RESULTS_FILE = "all_results.json"
+PROTOCOL_FILE = "protocol.json"
+PSEUDO_QUERIES_FILE = "pseudo_queries.jsonl"
+UPDATES_FILE = "index_updates.json"  # images added and removed after training (`vit_t5_dsi.updates`), oldest first
+RUN_RECORD_FILES = (ALL_RESULTS_FILE, "train_results.json", "eval_results.json", "dense_results.json", PROTOCOL_FILE,
+                    "trainer_state.json", PSEUDO_QUERIES_FILE, UPDATES_FILE, "eval_predictions.jsonl",
+                    "seen_predictions.jsonl", "index_predictions.jsonl")
+
+CODE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def checkpoint_code_files() -> list[str]:
+    """The module file names a checkpoint carries (the package marker excluded)."""
+    return sorted(name for name in os.listdir(CODE_DIRECTORY) if name.endswith(".py") and name != "__init__.py")
+
+
+def copy_checkpoint_code(save_directory: str) -> None:
+    """Copy every checkpoint module into `save_directory` (transformers copies only the modules that the saved
+    classes import; the pipeline and its helpers are not among them)."""
+    for name in checkpoint_code_files():
+        shutil.copyfile(os.path.join(CODE_DIRECTORY, name), os.path.join(save_directory, name))
+
+
+__all__ = ["UsageError", "CollectionError", "NO_IMAGE_INDEX", "cannot_rerank_a_dual_encoder", "optional_import",
+           "atomic_write", "atomic_write_text", "save_directory_atomically", "ordinary_mode", "disk_full_errno",
+           "disk_full_error", "DiskFullError", "DISK_FULL_ERRNOS", "STAGING_PREFIX", "CONFIG_FILE",
+           "GENERATION_CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "INDEX_FILE_NAME", "EMBEDDINGS_FILE_NAME",
+           "CODEBOOKS_FILE_NAME", "DUAL_ENCODER_SUBFOLDER", "MODEL_FILES", "ALL_RESULTS_FILE", "PROTOCOL_FILE",
+           "PSEUDO_QUERIES_FILE", "UPDATES_FILE", "RUN_RECORD_FILES", "CODE_DIRECTORY", "ARRAYS_FILE_PREFIX",
+           "ARRAYS_FILE_SUFFIX", "checkpoint_code_files", "copy_checkpoint_code"]
