@@ -49,7 +49,7 @@ class TextToImageRetrievalPipeline(Pipeline):
 
     Re-ranking (text queries of a generative model): when the checkpoint carries its dual encoder (the
     `dual_encoder/` folder a default run trains first, locally or in the Hub repo), the top-k is re-ordered by the
-    fused score of `rerank_weight` (see `dense_reranking.py`) and the score is that fused log-probability.
+    fused score of `rerank_weight` (see `DenseReranker` in `ranking.py`) and the score is that fused log-probability.
     `rerank=False` (at load or per call) keeps the beam's order; `rerank_with=` names another dual-encoder
     checkpoint; `rerank=True` fails when there is none.
     """

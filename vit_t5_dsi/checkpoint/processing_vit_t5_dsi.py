@@ -179,9 +179,8 @@ class ViTT5DSIProcessor(ProcessorMixin):
 
             args = dict(vision.model_args or {})
             data_config = resolve_data_config(model=timm.create_model(vision.architecture, pretrained=False, **args))
-            size = data_config["input_size"][-1]
-            image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(data_config["mean"]),
-                                                image_std=list(data_config["std"]))
+            size, mean, std = data_config["input_size"][-1], list(data_config["mean"]), list(data_config["std"])
+            image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
         else:
             size = config.image_size
             image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,

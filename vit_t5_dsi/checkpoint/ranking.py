@@ -178,7 +178,7 @@ def _generate(model, index: ImageIndex, beams: int, pixel_values, input_ids, att
 
 def rank_by_similarity(text_embeds: torch.Tensor, image_embeds: torch.Tensor, k: int = 10,
                        approximate: bool = False) -> Ranking:
-    """Dual-encoder retrieval: top-k images by inner product over the indexed images (see `dense_search.py`:
+    """Dual-encoder retrieval: top-k images by inner product over the indexed images (see `search_embeddings`:
     faiss when installed; `approximate` lets a very large collection use an IVF index)."""
     scores, positions = search_embeddings(text_embeds, image_embeds, k, approximate)
     return distinct_topk(positions, scores, k)
