@@ -388,8 +388,9 @@ def test_the_default_recipe_learns(tmp_path):
     for key in ("eval_hits@1", "eval_rerank_hits@1", "dense_eval_hits@1", "seen_hits@1", "seen_rerank_hits@1",
                 "dense_seen_hits@1"):
         assert key in results, key
-    # learned, far from chance (1/24): nearly every image memorised, seen captions mostly found
-    assert results["index_hits@1"] >= 0.9 and results["seen_hits@10"] == 1.0 and results["seen_hits@1"] >= 0.3
+    # learned, far from chance (1/24 at @1, 10/24 at @10): nearly every image memorised, seen captions mostly found
+    # (one thread or two moves seen@10 between 0.95 and 1.0)
+    assert results["index_hits@1"] >= 0.9 and results["seen_hits@10"] >= 0.9 and results["seen_hits@1"] >= 0.3
     protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
     assert protocol["docid_scheme"] == "rq" and protocol["pseudo_queries"]["epochs"] == [12]
     assert protocol["pseudo_queries"]["filter_top_k"] == 1 and protocol["pseudo_queries"]["num_images"] > 0
