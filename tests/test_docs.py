@@ -48,7 +48,7 @@ def readme_block(marker: str) -> str:
 
 
 def test_readme_keeps_the_commands_ci_runs():
-    test_command = 'pip install -e ".[test,wandb,app,openmoji]" && python -m pytest -q -m "not slow" tests'
+    test_command = 'pip install -e ".[test,wandb,app,openmoji]" && python -m pytest -q -m "not slow" -n 2 tests'
     assert readme_block("<!-- test-command -->") == test_command
     assert readme_block("Install and run the built-in demo") == "pip install -e . && accelerate launch run_dsi_image.py"
 
