@@ -14,8 +14,9 @@ faster. `model.generate` with `TrieConstrainedLogitsProcessor` pays, per step, f
 vocabulary) -inf mask built and scattered, a hash of every beam's prefix to find its trie node again, a top-k over beams
 x vocabulary, stopping criteria and output bookkeeping. Identifiers are a handful of tokens from a trie, so this search
 keeps each beam's trie node beside it and scores only the (beam, allowed token) pairs: the children of the beam's node,
-plus eos where an id ends. The decoder runs with its KV cache (an `EncoderDecoderCache`, as generate uses it); the first
-step runs one row per query instead of one per beam.
+plus eos where an id ends. The decoder is `T5DecoderSteps`, T5's decoder written against its weights, with a
+key/value cache per beam and cross-attention keys projected once per query; the first step runs one row per query
+instead of one per beam.
 
 It reproduces `generate`'s beam search as `rank_by_generation` configures it (num_beams = num_return_sequences,
 length_penalty 0, early_stopping "never", one eos token), step for step:
@@ -40,10 +41,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers import LogitsProcessor
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutput
 
 from .index_arrays import lexicographic_order
+from .modeling_blocks import T5DecoderSteps
 
 
 def padded_token_table(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -336,10 +336,8 @@ def trie_beam_search(language_model, trie: IdTrie, encoder_states: torch.Tensor,
     batch, device = encoder_states.shape[0], encoder_states.device
     beams, eos, pad = num_beams, trie.eos_token_id, trie.pad_token_id
     length = 1 + max_new_tokens
-    # no config: layers are created as the decoder fills them, which skips a deep copy of the config per search
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     # step 0 runs one row per query (every beam starts from the same empty prefix); afterwards batch x beams rows
-    states, mask = encoder_states, encoder_mask
+    decoder = T5DecoderSteps(language_model, encoder_states, encoder_mask)
     running = torch.full((batch, 1, length), pad, dtype=torch.long, device=device)
     running[:, :, 0] = decoder_start_token_id
     running_scores = torch.zeros(batch, 1, device=device)
@@ -350,9 +348,7 @@ def trie_beam_search(language_model, trie: IdTrie, encoder_states: torch.Tensor,
     keep = 2 * beams  # generate keeps (1 + number of eos tokens) x beams candidates per step
     for step in range(max_new_tokens):
         width = running.shape[1]
-        logits = language_model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
-                                decoder_input_ids=running[:, :, step].reshape(-1, 1), cache=cache,
-                                use_cache=True).logits[:, -1, :].float()
+        logits = decoder.step(running[:, :, step].reshape(-1)).float()
         log_probs = torch.log_softmax(logits, dim=-1)
         tokens, valid, children = _candidates(trie, nodes, log_probs.shape[-1])
         tokens_t = torch.from_numpy(tokens).to(device)
@@ -385,12 +381,7 @@ def trie_beam_search(language_model, trie: IdTrie, encoder_states: torch.Tensor,
         stopped |= ~(running_scores[:, 0] > torch.where(full, finished_scores.min(1).values, NEG_INF))
         if bool(stopped.all()):
             break
-        if step == 0:  # from one row per query to one per beam: the cross-attention cache is copied per beam
-            cache.reorder_cache(source)
-            states = encoder_states.repeat_interleave(beams, dim=0)
-            mask = encoder_mask.repeat_interleave(beams, dim=0)
-        else:  # beams only move within their query, whose cross-attention rows are all the same
-            cache.self_attention_cache.reorder_cache(source)
+        decoder.reorder(source)
     return finished, finished_scores
 
 

@@ -119,5 +119,90 @@ def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
     return AutoModel.from_pretrained(name_or_path)
 
 
-__all__ = ["GenerativeOutput", "DualEncoderOutput", "pad_and_stack", "masked_mean", "normalised_mean_output",
+def _rms_norm(norm, states: torch.Tensor) -> torch.Tensor:
+    """`T5LayerNorm.forward`: the variance in float32, then the weight's dtype."""
+    variance = states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    states = states * torch.rsqrt(variance + norm.variance_epsilon)
+    if norm.weight.dtype in (torch.float16, torch.bfloat16):
+        states = states.to(norm.weight.dtype)
+    return norm.weight * states
+
+
+def _attend(scores: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
+    return torch.einsum(equation, torch.softmax(scores, dim=-1), values)
+
+
+class T5DecoderSteps:
+    """T5's decoder run one token at a time against its own weights, for the trie beam search.
+
+    Written by hand because at small widths transformers' T5 stack costs more in dispatch than in arithmetic: every
+    call builds causal and cross masks, a relative-position bias, cache bookkeeping and output objects, for a
+    handful of tiny matrix products. This class computes the same thing (`T5Stack` + the LM head, eval mode, no
+    dropout): pre-norm self-attention with T5's relative bias over a per-row key/value cache, cross-attention over
+    keys and values projected once per query (beams of a query share them: no copy per beam), the feed-forward
+    block, the final norm, the LM head. T5 does not scale q.k. Rows are queries x beams, query-major.
+    """
+
+    def __init__(self, language_model, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+        config, decoder = language_model.config, language_model.decoder
+        self.heads, self.head_dim = config.num_heads, config.d_kv
+        self.embed, self.blocks, self.final_norm = decoder.embed_tokens, list(decoder.block), decoder.final_layer_norm
+        self.lm_head = language_model.lm_head
+        self.output_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs", False) else None
+        self.relative_bias = self.blocks[0].layer[0].SelfAttention
+        batch, length = encoder_states.shape[:2]
+        split = (batch, length, self.heads, self.head_dim)
+        self.cross = [(block.layer[1].EncDecAttention.k(encoder_states).view(split).transpose(1, 2),
+                       block.layer[1].EncDecAttention.v(encoder_states).view(split).transpose(1, 2))
+                      for block in self.blocks]  # (B, H, S, dk) per layer
+        mask = encoder_mask if encoder_mask is not None else encoder_states.new_ones(batch, length)
+        self.cross_bias = torch.zeros(batch, 1, 1, length, dtype=encoder_states.dtype, device=encoder_states.device)
+        self.cross_bias.masked_fill_(~mask.bool()[:, None, None, :], torch.finfo(encoder_states.dtype).min)
+        self.keys: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.values: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.batch, self.length = batch, 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of the next step continues row `rows[i]` of this one (beams move within their query)."""
+        self.keys = [keys[rows] for keys in self.keys]
+        self.values = [values[rows] for values in self.values]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocabulary) for the next token after `tokens` (rows,), one per row."""
+        rows, heads, head_dim = tokens.shape[0], self.heads, self.head_dim
+        per_query = rows // self.batch
+        relative = self.relative_bias  # T5's causal relative-position bias of this position to every earlier one
+        buckets = relative._relative_position_bucket(
+            torch.arange(self.length + 1, device=tokens.device) - self.length, bidirectional=False,
+            num_buckets=relative.relative_attention_num_buckets, max_distance=relative.relative_attention_max_distance)
+        bias = relative.relative_attention_bias(buckets).T  # (H, t)
+        states = self.embed(tokens)
+        for layer, block in enumerate(self.blocks):
+            attention = block.layer[0].SelfAttention
+            normed = _rms_norm(block.layer[0].layer_norm, states)
+            query, key, value = (linear(normed).view(rows, heads, 1, head_dim)
+                                 for linear in (attention.q, attention.k, attention.v))
+            if self.keys[layer] is not None:
+                key, value = torch.cat([self.keys[layer], key], 2), torch.cat([self.values[layer], value], 2)
+            self.keys[layer], self.values[layer] = key, value
+            scores = torch.einsum("rhqd,rhtd->rhqt", query, key) + bias[None, :, None, :]
+            states = states + attention.o(_attend(scores, value, "rhqt,rhtd->rhqd").reshape(rows, -1))
+            cross = block.layer[1].EncDecAttention
+            normed = _rms_norm(block.layer[1].layer_norm, states)
+            query = cross.q(normed).view(self.batch, per_query, heads, head_dim).transpose(1, 2)  # (B, H, W, dk)
+            key, value = self.cross[layer]
+            scores = torch.einsum("bhwd,bhsd->bhws", query, key) + self.cross_bias
+            attended = _attend(scores, value, "bhws,bhsd->bhwd").transpose(1, 2).reshape(rows, -1)
+            states = states + cross.o(attended)
+            feed_forward = block.layer[2]
+            states = states + feed_forward.DenseReluDense(_rms_norm(feed_forward.layer_norm, states))
+        self.length += 1
+        states = _rms_norm(self.final_norm, states)
+        if self.output_scale is not None:
+            states = states * self.output_scale
+        return self.lm_head(states)
+
+
+__all__ = ["GenerativeOutput", "DualEncoderOutput", "T5DecoderSteps", "pad_and_stack", "masked_mean", "normalised_mean_output",
            "multi_positive_nce", "build_vision_tower", "vision_tower_width", "load_pretrained_vision_tower"]
