@@ -47,6 +47,17 @@ def timed_parts(model):
         return out
 
     id_trie._candidates = timed_candidates
+    # the trie search runs T5's decoder through T5DecoderSteps, not the decoder module: its layers are the step's
+    # time less the LM head's, which the hook above counts
+    decoder_step = id_trie.T5DecoderSteps.step
+
+    def timed_step(self, tokens):
+        head_before, start = spent["LM head"], time.perf_counter()
+        logits = decoder_step(self, tokens)
+        spent["decoder layers"] += time.perf_counter() - start - (spent["LM head"] - head_before)
+        return logits
+
+    id_trie.T5DecoderSteps.step = timed_step
     return spent
 
 
