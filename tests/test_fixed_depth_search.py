@@ -137,3 +137,39 @@ def test_a_token_table_wider_than_its_longest_id():
     assert index.trie.children([10]) == [20, 21]
     model = ViTT5DSIForConditionalGeneration(tiny_config(vocab_size=32)).eval()
     assert_same_ranking(index, model, 3, input_ids=torch.randint(3, 32, (2, 5)))
+
+
+@pytest.mark.parametrize("feed_forward_proj, tie_word_embeddings", [("relu", True), ("gated-gelu", False)])
+def test_the_hand_written_decoder_steps_give_the_t5_stacks_logits(feed_forward_proj, tie_word_embeddings):
+    """T5DecoderSteps (what the trie search decodes with) equals T5ForConditionalGeneration step for step, with a
+    padded encoder, rows that move between beams, both feed-forward kinds and tied or untied output embeddings."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from vit_t5_dsi.checkpoint.modeling_blocks import T5DecoderSteps
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, decoder_start_token_id=0,
+                      feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings)
+    model = T5ForConditionalGeneration(config).eval()
+    batch, beams, length = 2, 3, 7
+    states = torch.randn(batch, length, 32)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:] = 0  # the second query is shorter
+    steps = T5DecoderSteps(model, states, mask)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    rows_states, rows_mask = states, mask
+    tokens = torch.zeros(batch, dtype=torch.long)
+    for step in range(4):
+        with torch.no_grad():
+            expected = model(encoder_outputs=BaseModelOutput(last_hidden_state=rows_states), attention_mask=rows_mask,
+                             decoder_input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(steps.step(tokens), expected, rtol=1e-5, atol=1e-5)
+        # every query keeps `beams` rows from its own rows, in a shuffled order (as beams do)
+        width = tokens.shape[0] // batch
+        source = torch.stack([q * width + torch.randint(0, width, (beams,)) for q in range(batch)]).reshape(-1)
+        steps.reorder(source)
+        cache.reorder_cache(source)
+        rows_states, rows_mask = states.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
+        tokens = torch.randint(1, 50, (batch * beams,))
