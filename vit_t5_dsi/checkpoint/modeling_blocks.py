@@ -119,15 +119,6 @@ def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
     return AutoModel.from_pretrained(name_or_path)
 
 
-def _rms_norm(norm, states: torch.Tensor) -> torch.Tensor:
-    """`T5LayerNorm.forward`: the variance in float32, then the weight's dtype."""
-    variance = states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    states = states * torch.rsqrt(variance + norm.variance_epsilon)
-    if norm.weight.dtype in (torch.float16, torch.bfloat16):
-        states = states.to(norm.weight.dtype)
-    return norm.weight * states
-
-
 def _attend(scores: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
     return torch.einsum(equation, torch.softmax(scores, dim=-1), values)
 
@@ -149,15 +140,15 @@ class T5DecoderSteps:
         self.embed, self.blocks, self.final_norm = decoder.embed_tokens, list(decoder.block), decoder.final_layer_norm
         self.lm_head = language_model.lm_head
         self.output_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs", False) else None
-        self.relative_bias = self.blocks[0].layer[0].SelfAttention
+        self.position_bias_owner = self.blocks[0].layer[0].SelfAttention  # T5: the first layer holds the bias table
         batch, length = encoder_states.shape[:2]
         split = (batch, length, self.heads, self.head_dim)
         self.cross = [(block.layer[1].EncDecAttention.k(encoder_states).view(split).transpose(1, 2),
                        block.layer[1].EncDecAttention.v(encoder_states).view(split).transpose(1, 2))
                       for block in self.blocks]  # (B, H, S, dk) per layer
-        mask = encoder_mask if encoder_mask is not None else encoder_states.new_ones(batch, length)
         self.cross_bias = torch.zeros(batch, 1, 1, length, dtype=encoder_states.dtype, device=encoder_states.device)
-        self.cross_bias.masked_fill_(~mask.bool()[:, None, None, :], torch.finfo(encoder_states.dtype).min)
+        if encoder_mask is not None:  # padded positions of a query are never attended to
+            self.cross_bias.masked_fill_(~encoder_mask.bool()[:, None, None, :], torch.finfo(encoder_states.dtype).min)
         self.keys: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.values: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.batch, self.length = batch, 0
@@ -172,15 +163,15 @@ class T5DecoderSteps:
         """Logits (rows, vocabulary) for the next token after `tokens` (rows,), one per row."""
         rows, heads, head_dim = tokens.shape[0], self.heads, self.head_dim
         per_query = rows // self.batch
-        relative = self.relative_bias  # T5's causal relative-position bias of this position to every earlier one
-        buckets = relative._relative_position_bucket(
+        owner = self.position_bias_owner  # T5's causal relative-position bias of this position to every earlier one
+        buckets = owner._relative_position_bucket(
             torch.arange(self.length + 1, device=tokens.device) - self.length, bidirectional=False,
-            num_buckets=relative.relative_attention_num_buckets, max_distance=relative.relative_attention_max_distance)
-        bias = relative.relative_attention_bias(buckets).T  # (H, t)
+            num_buckets=owner.relative_attention_num_buckets, max_distance=owner.relative_attention_max_distance)
+        bias = owner.relative_attention_bias(buckets).T  # (H, t)
         states = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
             attention = block.layer[0].SelfAttention
-            normed = _rms_norm(block.layer[0].layer_norm, states)
+            normed = block.layer[0].layer_norm(states)
             query, key, value = (linear(normed).view(rows, heads, 1, head_dim)
                                  for linear in (attention.q, attention.k, attention.v))
             if self.keys[layer] is not None:
@@ -189,20 +180,21 @@ class T5DecoderSteps:
             scores = torch.einsum("rhqd,rhtd->rhqt", query, key) + bias[None, :, None, :]
             states = states + attention.o(_attend(scores, value, "rhqt,rhtd->rhqd").reshape(rows, -1))
             cross = block.layer[1].EncDecAttention
-            normed = _rms_norm(block.layer[1].layer_norm, states)
+            normed = block.layer[1].layer_norm(states)
             query = cross.q(normed).view(self.batch, per_query, heads, head_dim).transpose(1, 2)  # (B, H, W, dk)
             key, value = self.cross[layer]
             scores = torch.einsum("bhwd,bhsd->bhws", query, key) + self.cross_bias
             attended = _attend(scores, value, "bhws,bhsd->bhwd").transpose(1, 2).reshape(rows, -1)
             states = states + cross.o(attended)
             feed_forward = block.layer[2]
-            states = states + feed_forward.DenseReluDense(_rms_norm(feed_forward.layer_norm, states))
+            states = states + feed_forward.DenseReluDense(feed_forward.layer_norm(states))
         self.length += 1
-        states = _rms_norm(self.final_norm, states)
+        states = self.final_norm(states)
         if self.output_scale is not None:
             states = states * self.output_scale
         return self.lm_head(states)
 
 
-__all__ = ["GenerativeOutput", "DualEncoderOutput", "T5DecoderSteps", "pad_and_stack", "masked_mean", "normalised_mean_output",
-           "multi_positive_nce", "build_vision_tower", "vision_tower_width", "load_pretrained_vision_tower"]
+__all__ = ["GenerativeOutput", "DualEncoderOutput", "T5DecoderSteps", "pad_and_stack", "masked_mean",
+           "normalised_mean_output", "multi_positive_nce", "build_vision_tower", "vision_tower_width",
+           "load_pretrained_vision_tower"]
