@@ -6,7 +6,7 @@ For N indexed images (default 10K, 100K, 1M, 10M; base widths up to --base_max_s
 caption queries (12 tokens each), per-query latency of:
   generate:   encode the query with T5's encoder, then `model.generate` constrained by the trie's logits processor
               (10 beams, 10 returned), through `rank_by_generation(search="generate")`;
-  trie:       the same search through the trie beam search (`trie_beam_search` in `id_trie.py`,
+  trie:       the same search through the trie beam search (`trie_beam_search` in `ranking.py`,
               `search="trie"`), which returns the same ranking;
   dense:      encode the query (T5 encoder, pooled, projected), then one matrix product over N x d image embeddings
               in torch and a top-10;
@@ -276,6 +276,18 @@ def report(rows: list[dict], kmeans: dict | None, table: bool = True) -> None:
         print(f"{name:<52}{generative_ms:>9.2f} vs {bound_ms:>8.2f}  {verdict}")
 
 
+def set_threads(threads: int) -> None:
+    """Both sides on the same number of threads: torch's and faiss's (faiss has its own OpenMP pool, whose idle
+    threads also spin for a while after a search and slow whatever runs next)."""
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", nargs="+", default=["tiny", "base"], choices=list(VOCAB))
@@ -301,13 +313,7 @@ def main() -> None:
                                                                    None))
         return
     if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(args.threads)
-        except ImportError:
-            pass
+        set_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     print("ms per query (text encoder included on both sides); index size, build time and peak RSS growth for the "

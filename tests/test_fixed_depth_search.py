@@ -1,4 +1,4 @@
-"""The trie beam search (`trie_beam_search` in `id_trie.py`) returns what `model.generate` + the trie's logits processor
+"""The trie beam search (`trie_beam_search` in `ranking.py`) returns what `model.generate` + the trie's logits processor
 returns: the same ids in the same order with the same scores, for every id scheme, ids of mixed lengths, ids that
 extend other ids, collision tokens, batches, k below and above the number of images, image and text queries."""
 

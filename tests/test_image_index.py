@@ -244,6 +244,34 @@ def test_decode_accepts_only_whole_ids_followed_by_padding(tokenizer):
         index.position_of_key["nope"]
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_token_table_lookup_matches_a_dict_with_and_without_packed_keys(wide):
+    """`TokenTable.find` (decode's lookup): a sampled directory of packed keys when the ids fit in 63 bits, a binary
+    search otherwise; both must find every id, in blocks of every size, and nothing else (prefixes, extensions,
+    tokens a column never holds, tokens below a column's base)."""
+    from vit_t5_dsi.checkpoint.index_arrays import TokenTable
+
+    rng = np.random.default_rng(0)
+    span = 60000 if wide else 50  # 5 columns x 16 bits do not pack into 63; x 6 bits do
+    rows = {tuple(int(t) for t in rng.integers(100, 100 + span, size=rng.integers(3, 6))) for _ in range(3000)}
+    rows = sorted(rows, key=lambda r: rng.random())
+    width = max(map(len, rows))
+    table = np.full((len(rows), width), -1)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = row
+    tokens = TokenTable.from_table(table, np.array([len(r) for r in rows]))
+    assert (tokens._sampled_keys() is None) == wide
+    queries = rows[::7] + [r[:-1] for r in rows[:50]] + [r + (100,) for r in rows[:50] if len(r) < width]
+    queries += [(99,) + r[1:] for r in rows[:20]] + [(100 + span,) + r[1:] for r in rows[:20]]
+    queries += [(65535 + 100,) * 3, (7,)]
+    positions = {row: i for i, row in enumerate(rows)}
+    padded = np.zeros((len(queries), width + 1), dtype=np.int64)
+    for i, query in enumerate(queries):
+        padded[i, :len(query)] = query
+    found = tokens.find(padded, np.array([len(q) for q in queries]))
+    assert found.tolist() == [positions.get(q, -1) for q in queries]
+
+
 # ----- persistence -----------------------------------------------------------------------------------
 
 def index_files(directory):

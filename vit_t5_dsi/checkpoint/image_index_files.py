@@ -14,7 +14,8 @@ import torch
 
 from .checkpoint_io import (ARRAYS_FILE_PREFIX, ARRAYS_FILE_SUFFIX, CODEBOOKS_FILE_NAME, EMBEDDINGS_FILE_NAME,
                             INDEX_FILE_NAME, atomic_write, atomic_write_text)
-from .index_arrays import IdStrings, KeyColumn, StringColumn, TokenTable, packed_sort_keys
+from .id_trie import packed_sort_keys
+from .index_arrays import IdStrings, KeyColumn, StringColumn, TokenTable
 
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "vit-t5-dsi image index", 2
 # Up to this many images an index is saved as one JSON file of lists (the first layout: readable, and loadable by

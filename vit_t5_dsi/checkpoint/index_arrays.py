@@ -14,35 +14,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .id_trie import lexicographic_order, packed_sort_keys
+
 
 def smallest_unsigned(span: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32):
         if span <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.int64)
-
-
-def packed_sort_keys(columns: Sequence[np.ndarray]) -> np.ndarray | None:
-    """One int64 per row that sorts as the rows do (columns of integers >= -1), or None when they need more than
-    63 bits."""
-    bits = [int(int(column.max()) + 1).bit_length() if len(column) else 1 for column in columns]
-    if sum(bits) > 63:
-        return None
-    key = np.zeros(len(columns[0]) if columns else 0, dtype=np.int64)
-    for column, width in zip(columns, bits):
-        key <<= width
-        key |= column.astype(np.int64) + 1
-    return key
-
-
-def lexicographic_order(columns: Sequence[np.ndarray]) -> np.ndarray:
-    """Stable order of rows given column by column (integers >= -1, -1 past a row's end, so a shorter row sorts
-    before its extensions). Packs the columns into one int64 key and argsorts it when they fit in 63 bits (ids
-    of a few small codes: several times faster than `np.lexsort`), else `np.lexsort`."""
-    key = packed_sort_keys(columns)
-    if key is None:
-        return np.lexsort(list(columns)[::-1])
-    return np.argsort(key, kind="stable")
 
 
 class _View(Sequence):
@@ -70,10 +49,6 @@ class _View(Sequence):
             return NotImplemented
         other = list(other)
         return len(other) == len(self) and all(a == b for a, b in zip(self, other))
-
-    def __ne__(self, other) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
 
     __hash__ = None
 
@@ -191,6 +166,7 @@ class TokenTable:
     def __init__(self, columns: list[np.ndarray], bases: list[int], lengths: np.ndarray):
         self.columns, self.bases, self.lengths = columns, [int(b) for b in bases], lengths
         self._order: np.ndarray | None = None
+        self._directory: tuple[np.ndarray, list[int]] | None = None  # see `_sampled_keys`
 
     @classmethod
     def from_table(cls, table: np.ndarray, lengths: np.ndarray) -> "TokenTable":
@@ -216,7 +192,8 @@ class TokenTable:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.columns) + self.lengths.nbytes + (
-            self._order.nbytes if self._order is not None else 0)
+            self._order.nbytes if self._order is not None else 0) + (
+            self._directory[0].nbytes if self._directory is not None else 0)
 
     @property
     def width(self) -> int:
@@ -269,7 +246,8 @@ class TokenTable:
 
     def find(self, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Position of each query row (tokens `rows[i, :lengths[i]]`), -1 where no identifier has those tokens:
-        a vectorised binary search over the rows in lexicographic order."""
+        a lookup in a sample of the sorted keys, then one comparison with the few rows it leaves (ids that pack
+        into 63 bits, rq ids among them), else a vectorised binary search over the rows in lexicographic order."""
         queries = np.full((len(rows), self.width), -1, dtype=np.int64)
         fits = (lengths >= 1) & (lengths <= self.width)
         for d in range(self.width):
@@ -277,6 +255,9 @@ class TokenTable:
             value = rows[:, d] - self.bases[d] if d < rows.shape[1] else np.zeros(len(rows), dtype=np.int64)
             fits &= ~inside | ((value >= 0) & (value <= np.iinfo(self.columns[d].dtype).max))  # no such token here
             queries[:, d] = np.where(inside, value, -1)
+        sampled = self._sampled_keys()
+        if sampled is not None:
+            return self._find_in_blocks(queries, fits, *sampled)
         order, n = self.order, len(self)
         lo, hi = np.zeros(len(rows), dtype=np.int64), np.full(len(rows), n, dtype=np.int64)
         for _ in range(int(n).bit_length()):
@@ -290,6 +271,30 @@ class TokenTable:
         equal = (lo < n) & fits & (self._query_table(position) == queries).all(1)  # `fits`: a token below a
         # column's base would read as -1, "past the end", and match a shorter id
         return np.where(equal, position, -1)
+
+    DIRECTORY_STRIDE = 16
+
+    def _sampled_keys(self) -> tuple[np.ndarray, list[int]] | None:
+        """The packed sort key of every 16th row in lexicographic order and each column's bits, built at the first
+        lookup (None past 63 bits): 0.5 byte per id, for one `searchsorted` instead of a 20-step binary search."""
+        if self._directory is None and len(self):
+            columns = self.padded_columns()
+            bits = [int(int(column.max()) + 1).bit_length() for column in columns]
+            if sum(bits) <= 63:
+                sample = self.order[::self.DIRECTORY_STRIDE]
+                self._directory = (packed_sort_keys([column[sample] for column in columns], bits), bits)
+        return self._directory
+
+    def _find_in_blocks(self, queries: np.ndarray, fits: np.ndarray, sampled: np.ndarray, bits: list[int]):
+        limits = np.asarray([(1 << width) - 2 for width in bits])  # the largest value each column packs
+        fits = fits & (queries <= limits).all(1)
+        keys = packed_sort_keys(list(np.where(fits[:, None], queries, -1).T), bits)
+        first = (np.searchsorted(sampled, keys, side="right") - 1).clip(min=0) * self.DIRECTORY_STRIDE
+        ranks = np.minimum(first[:, None] + np.arange(self.DIRECTORY_STRIDE), len(self) - 1)  # (R, stride)
+        positions = self.order[ranks].astype(np.int64)
+        table = self._query_table(positions.reshape(-1))
+        found = packed_sort_keys(list(table.T), bits).reshape(positions.shape) == keys[:, None]
+        return np.where(fits & found.any(1), positions[np.arange(len(queries)), found.argmax(1)], -1)
 
     def _query_table(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.width), dtype=np.int64)
@@ -391,5 +396,5 @@ def _infer_pieces(id_strings: Sequence[str], token_rows, max_pieces: int) -> dic
     return pieces
 
 
-__all__ = ["lexicographic_order", "packed_sort_keys", "KeyColumn", "StringColumn", "smallest_unsigned",
+__all__ = ["KeyColumn", "StringColumn", "smallest_unsigned",
            "TokenTable", "TokenRows", "IdStrings"]

@@ -119,8 +119,11 @@ def load_pretrained_vision_tower(name_or_path: str) -> PreTrainedModel:
     return AutoModel.from_pretrained(name_or_path)
 
 
-def _attend(scores: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
-    return torch.einsum(equation, torch.softmax(scores, dim=-1), values)
+def _softmax_first(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 0. The decoder step's attention rows are a handful of keys long, and PyTorch's CPU softmax
+    over such a short last dimension pays per row (160-280 us for a batch of 32 queries' beams, measured); over
+    a leading dimension it runs across rows (8-15 us), so the scores are laid out keys-first."""
+    return torch.softmax(scores, 0)
 
 
 class T5DecoderSteps:
@@ -129,18 +132,22 @@ class T5DecoderSteps:
     Written by hand because at small widths transformers' T5 stack costs more in dispatch than in arithmetic: every
     call builds causal and cross masks, a relative-position bias, cache bookkeeping and output objects, for a
     handful of tiny matrix products. This class computes the same thing (`T5Stack` + the LM head, eval mode, no
-    dropout): pre-norm self-attention with T5's relative bias over a per-row key/value cache, cross-attention over
-    keys and values projected once per query (beams of a query share them: no copy per beam), the feed-forward
-    block, the final norm, the LM head. T5 does not scale q.k. Rows are queries x beams, query-major.
+    dropout) in as few tensor operations as it can, since each costs microseconds of dispatch: pre-norm
+    self-attention with T5's relative bias (its buckets looked up once) over one preallocated key/value buffer for
+    all layers (one copy per layer and step, one gather per step when beams move), cross-attention over keys and
+    values projected once per query (beams of a query share them: no copy per beam), the feed-forward block, the
+    final norm, the LM head. Norms are `F.rms_norm` (T5's norm is an RMS norm without bias), attention is
+    unscaled as in T5 with its softmax taken over keys laid out first (`_softmax_first`), and residual additions
+    are fused into the output projections (`addmm`). Rows are queries x beams, query-major.
     """
 
-    def __init__(self, language_model, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+    def __init__(self, language_model, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None,
+                 max_steps: int = 8):
         config, decoder = language_model.config, language_model.decoder
-        self.heads, self.head_dim = config.num_heads, config.d_kv
+        self.heads, self.head_dim, self.inner = config.num_heads, config.d_kv, config.num_heads * config.d_kv
         self.embed, self.blocks, self.final_norm = decoder.embed_tokens, list(decoder.block), decoder.final_layer_norm
         self.lm_head = language_model.lm_head
         self.output_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs", False) else None
-        self.position_bias_owner = self.blocks[0].layer[0].SelfAttention  # T5: the first layer holds the bias table
         batch, length = encoder_states.shape[:2]
         split = (batch, length, self.heads, self.head_dim)
         self.cross = [(block.layer[1].EncDecAttention.k(encoder_states).view(split).transpose(1, 2),
@@ -149,47 +156,76 @@ class T5DecoderSteps:
         self.cross_bias = torch.zeros(batch, 1, 1, length, dtype=encoder_states.dtype, device=encoder_states.device)
         if encoder_mask is not None:  # padded positions of a query are never attended to
             self.cross_bias.masked_fill_(~encoder_mask.bool()[:, None, None, :], torch.finfo(encoder_states.dtype).min)
-        self.keys: list[torch.Tensor | None] = [None] * len(self.blocks)
-        self.values: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.dtype, self.device = encoder_states.dtype, encoder_states.device
+        self.cache: torch.Tensor | None = None  # (layers, 2, capacity, rows, H, dk): keys and values
+        self.capacity = max(1, max_steps)
         self.batch, self.length = batch, 0
+        self._position_bias(self.capacity)
+
+    def _position_bias(self, capacity: int) -> None:
+        """T5's causal relative-position bias of position t to positions 0..t, for every t < capacity, looked up
+        once (T5: the first layer holds the bias table)."""
+        owner = self.blocks[0].layer[0].SelfAttention
+        positions = torch.arange(capacity, device=self.device)
+        buckets = owner._relative_position_bucket(
+            positions[None, :] - positions[:, None], bidirectional=False,
+            num_buckets=owner.relative_attention_num_buckets, max_distance=owner.relative_attention_max_distance)
+        table = owner.relative_attention_bias(buckets).to(self.dtype)  # (query position, key position, H)
+        self.position_bias = [table[t, :t + 1, None, :] for t in range(capacity)]  # (t + 1, 1, H)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the next step continues row `rows[i]` of this one (beams move within their query)."""
-        self.keys = [keys[rows] for keys in self.keys]
-        self.values = [values[rows] for values in self.values]
+        self.cache = self.cache.index_select(3, rows)
+
+    def _grow(self, rows: int) -> None:
+        """Allocate the key/value buffer at the first step, or double it when the ids are longer than planned."""
+        if self.cache is None:
+            self.cache = torch.zeros(len(self.blocks), 2, self.capacity, rows, self.heads, self.head_dim,
+                                     dtype=self.dtype, device=self.device)
+        elif self.length == self.capacity:
+            self.cache = torch.cat([self.cache, torch.zeros_like(self.cache)], 2)
+            self.capacity *= 2
+            self._position_bias(self.capacity)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) for the next token after `tokens` (rows,), one per row."""
-        rows, heads, head_dim = tokens.shape[0], self.heads, self.head_dim
-        per_query = rows // self.batch
-        owner = self.position_bias_owner  # T5's causal relative-position bias of this position to every earlier one
-        buckets = owner._relative_position_bucket(
-            torch.arange(self.length + 1, device=tokens.device) - self.length, bidirectional=False,
-            num_buckets=owner.relative_attention_num_buckets, max_distance=owner.relative_attention_max_distance)
-        bias = owner.relative_attention_bias(buckets).T  # (H, t)
+        rows, heads, head_dim, t = tokens.shape[0], self.heads, self.head_dim, self.length
+        self._grow(rows)
+        per_query, bias = rows // self.batch, self.position_bias[t]
         states = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
-            attention = block.layer[0].SelfAttention
-            normed = block.layer[0].layer_norm(states)
-            query, key, value = (linear(normed).view(rows, heads, 1, head_dim)
-                                 for linear in (attention.q, attention.k, attention.v))
-            if self.keys[layer] is not None:
-                key, value = torch.cat([self.keys[layer], key], 2), torch.cat([self.values[layer], value], 2)
-            self.keys[layer], self.values[layer] = key, value
-            scores = torch.einsum("rhqd,rhtd->rhqt", query, key) + bias[None, :, None, :]
-            states = states + attention.o(_attend(scores, value, "rhqt,rhtd->rhqd").reshape(rows, -1))
-            cross = block.layer[1].EncDecAttention
-            normed = block.layer[1].layer_norm(states)
-            query = cross.q(normed).view(self.batch, per_query, heads, head_dim).transpose(1, 2)  # (B, H, W, dk)
+            self_attention, cross_attention, feed_forward = block.layer
+            attention = self_attention.SelfAttention
+            normed = F.rms_norm(states, states.shape[-1:], self_attention.layer_norm.weight,
+                                self_attention.layer_norm.variance_epsilon)
+            query = F.linear(normed, attention.q.weight).view(rows, heads, head_dim)
+            keys_values = self.cache[layer]  # (2, capacity, rows, H, dk)
+            keys_values[:, t] = torch.stack([F.linear(normed, attention.k.weight),
+                                             F.linear(normed, attention.v.weight)]).view(2, rows, heads, head_dim)
+            # one query per row against its own t + 1 keys: elementwise products, no batch of tiny matmuls
+            weights = _softmax_first((keys_values[0, :t + 1] * query).sum(-1) + bias)  # (t + 1, rows, H)
+            attended = (weights[..., None] * keys_values[1, :t + 1]).sum(0)
+            states = torch.addmm(states, attended.view(rows, -1), attention.o.weight.t())
+            cross = cross_attention.EncDecAttention
+            normed = F.rms_norm(states, states.shape[-1:], cross_attention.layer_norm.weight,
+                                cross_attention.layer_norm.variance_epsilon)
+            query = F.linear(normed, cross.q.weight).view(self.batch, per_query, heads, head_dim).transpose(1, 2)
             key, value = self.cross[layer]
-            scores = torch.einsum("bhwd,bhsd->bhws", query, key) + self.cross_bias
-            attended = _attend(scores, value, "bhws,bhsd->bhwd").transpose(1, 2).reshape(rows, -1)
-            states = states + cross.o(attended)
-            feed_forward = block.layer[2]
-            states = states + feed_forward.DenseReluDense(feed_forward.layer_norm(states))
+            scores = (torch.matmul(query, key.transpose(-1, -2)) + self.cross_bias).permute(3, 0, 1, 2)
+            weights = _softmax_first(scores.contiguous()).permute(1, 2, 3, 0)  # (B, H, W, S)
+            attended = torch.matmul(weights, value)
+            states = torch.addmm(states, attended.transpose(1, 2).reshape(rows, -1), cross.o.weight.t())
+            normed = F.rms_norm(states, states.shape[-1:], feed_forward.layer_norm.weight,
+                                feed_forward.layer_norm.variance_epsilon)
+            dense = feed_forward.DenseReluDense
+            if hasattr(dense, "wi_0"):  # gated: act(wi_0 x) * wi_1 x
+                hidden = dense.act(F.linear(normed, dense.wi_0.weight)) * F.linear(normed, dense.wi_1.weight)
+            else:
+                hidden = dense.act(F.linear(normed, dense.wi.weight))
+            states = torch.addmm(states, hidden, dense.wo.weight.t())
         self.length += 1
-        states = self.final_norm(states)
+        states = F.rms_norm(states, states.shape[-1:], self.final_norm.weight, self.final_norm.variance_epsilon)
         if self.output_scale is not None:
             states = states * self.output_scale
         return self.lm_head(states)

@@ -18,6 +18,28 @@ candidates and are mixed with one weight:
 
 where `scale` is the dual encoder's own learned temperature. weight 0 keeps the beam's order, 1 orders the beam's
 candidates by the dual encoder alone. Only the order changes: the candidates are the generative model's.
+
+The trie beam search (`trie_beam_search`) is a beam search constrained to an `IdTrie`, written for short
+fixed-depth ids: `generate`'s results, faster. `model.generate` with `TrieConstrainedLogitsProcessor` pays, per step, for a generic loop: a (beams x
+vocabulary) -inf mask built and scattered, a hash of every beam's prefix to find its trie node again, a top-k over beams
+x vocabulary, stopping criteria and output bookkeeping. Identifiers are a handful of tokens from a trie, so this search
+keeps each beam's trie node beside it and scores only the (beam, allowed token) pairs: the children of the beam's node,
+plus eos where an id ends. The decoder is `T5DecoderSteps` (`modeling_blocks.py`), T5's decoder written against its
+weights; the first step runs one row per query instead of one per beam, and the beam bookkeeping runs in numpy.
+
+It reproduces `generate`'s beam search as `rank_by_generation` configures it (num_beams = num_return_sequences,
+length_penalty 0, early_stopping "never", one eos token), step for step:
+  - scores are log-softmax over the whole vocabulary, accumulated in float32. The normaliser needs every logit, so
+    the LM head stays full: restricting it to the allowed codes would change every score (and the order of beams
+    across parents), which exactness rules out;
+  - each step keeps the 2 x beams best candidates; an eos candidate among the first `beams` of them is a finished
+    id, the best `beams` non-eos ones run on;
+  - a query stops adding finished ids once all `beams` slots hold one and its best running beam cannot beat the
+    worst of them.
+What it leaves out is only `generate`'s filler: its beams start as one real beam plus copies scored -1e9, and a
+step with fewer than 2 x beams allowed continuations takes -1e9/-inf candidates. These never outrank a real
+hypothesis, so the real ids, their order and scores are the same; filler that `generate` returns (score <= -1e9,
+when fewer than `beams` ids were found) is blanked by `rank_by_generation` on both paths.
 """
 
 from __future__ import annotations
@@ -30,9 +52,9 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from .id_trie import trie_beam_search
 from .image_index import ImageIndex
 from .image_index_files import EMBEDDINGS_FILE_NAME
+from .modeling_blocks import T5DecoderSteps
 
 # Up to this many images every search is exact (a flat index: at 1M x 256 floats one query batch is ~1 GFLOP, a few
 # ms); above it the pipeline, the retriever and the app search an IVF index (evaluation always stays exact).
@@ -127,6 +149,87 @@ def distinct_topk(candidates: np.ndarray, scores: np.ndarray, k: int) -> Ranking
     return Ranking(positions, kept_scores)
 
 
+NEG_INF = float("-inf")
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k largest scores, best first (k <= row width)."""
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    rows = np.arange(len(scores))[:, None]
+    return part[rows, np.argsort(-scores[rows, part], axis=1, kind="stable")]
+
+
+@torch.no_grad()
+def trie_beam_search(language_model, trie, encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                     num_beams: int, max_new_tokens: int, decoder_start_token_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over `trie` for each row of `encoder_states` (B, S, d) read by a T5 `language_model`.
+
+    Returns the finished ids (B, num_beams, 1 + max_new_tokens): start token, id tokens, eos, then pad, best first,
+    and their scores (B, num_beams): summed log-probabilities, -inf in a slot no id reached (its row is all pad).
+
+    Only the decoder and the log-softmax's normaliser run in torch; the beam bookkeeping runs on a few hundred
+    numbers per query, where numpy's per-call cost is a fraction of torch's.
+    """
+    batch, device = encoder_states.shape[0], encoder_states.device
+    beams, eos, pad = num_beams, trie.eos_token_id, trie.pad_token_id
+    length = 1 + max_new_tokens
+    # step 0 runs one row per query (every beam starts from the same empty prefix); afterwards batch x beams rows
+    decoder = T5DecoderSteps(language_model, encoder_states, encoder_mask, max_steps=max_new_tokens)
+    queries = np.arange(batch)[:, None]
+    running = np.full((batch, 1, length), pad, dtype=np.int64)
+    running[:, :, 0] = decoder_start_token_id
+    running_scores = np.zeros((batch, 1), dtype=np.float32)
+    nodes = np.zeros(batch, dtype=np.int64)
+    finished = np.full((batch, beams, length), pad, dtype=np.int64)
+    finished_scores = np.full((batch, beams), NEG_INF, dtype=np.float32)
+    stopped = np.zeros(batch, dtype=bool)
+    keep = 2 * beams  # generate keeps (1 + number of eos tokens) x beams candidates per step
+    first = np.arange(keep) < beams
+    for step in range(max_new_tokens):
+        width = running.shape[1]
+        logits = decoder.step(torch.from_numpy(running[:, :, step].reshape(-1)).to(device)).float()
+        tokens, valid, children = trie.candidate_table(nodes, logits.shape[-1])
+        scores = torch.log_softmax(logits, -1).gather(1, torch.from_numpy(tokens).to(device)).cpu().numpy()
+        scores[~valid] = NEG_INF
+        slots = tokens.shape[1]
+        scores = (scores.reshape(batch, width, slots) + running_scores[:, :, None]).reshape(batch, -1)
+        if scores.shape[1] < keep:  # too few (beam, token) pairs: pad with impossible candidates
+            scores = np.concatenate([scores, np.full((batch, keep - scores.shape[1]), NEG_INF, np.float32)], 1)
+        top = _top(scores, keep)
+        top_scores = scores[queries, top]
+        top = np.minimum(top, width * slots - 1)
+        parent = top // slots
+        candidate = (queries * width + parent) * slots + top % slots  # flat (beam row, slot) of each candidate
+        top_tokens = tokens.reshape(-1)[candidate]
+        is_eos = (top_tokens == eos) & np.isfinite(top_scores)
+        sequences = running[queries, parent]
+        sequences[:, :, step + 1] = top_tokens
+        # finished: eos among the first `beams` candidates, unless the query already stopped
+        new_done = is_eos & first[None, :] & ~stopped[:, None]
+        merged = np.concatenate([finished_scores, np.where(new_done, top_scores, NEG_INF)], 1)
+        best = _top(merged, beams)
+        finished_scores = merged[queries, best]
+        finished = np.concatenate([finished, sequences], 1)[queries, best]
+        # running: the best `beams` candidates that are not eos
+        alive_scores = np.where(is_eos, NEG_INF, top_scores)
+        pick = _top(alive_scores, beams)
+        running_scores = alive_scores[queries, pick]
+        running = sequences[queries, pick]
+        picked = candidate[queries, pick].reshape(-1)
+        nodes = np.where(np.isfinite(running_scores.reshape(-1)), children.reshape(-1)[picked], -1)
+        full = np.isfinite(finished_scores).all(1)
+        stopped |= ~(running_scores[:, 0] > np.where(full, finished_scores.min(1), NEG_INF))
+        if stopped.all():
+            break
+        decoder.reorder(torch.from_numpy(picked // slots).to(device))  # each new beam's parent row
+    finished[~np.isfinite(finished_scores)] = pad  # slots no id reached (ties among -inf keep no order)
+    return torch.from_numpy(finished).to(device), torch.from_numpy(finished_scores).to(device)
+
+
 @torch.no_grad()
 def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None, input_ids=None,
                        attention_mask=None, search: str = "auto", **generate_kwargs) -> Ranking:
@@ -136,7 +239,7 @@ def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None,
     beam can beat the k-th finished id (early_stopping=True stops at the first k finished ids, so a short id can
     shut out a better long one).
 
-    `search`: "trie" runs `fixed_depth_search.trie_beam_search`, which returns what generate returns (same ids,
+    `search`: "trie" runs `trie_beam_search`, which returns what generate returns (same ids,
     order and scores) with less overhead per step (1.1-2.2x faster, docs/index_at_scale.md); "generate" runs
     `model.generate` with the trie's logits processor; "auto" (the default) is "trie" unless `generate_kwargs`
     (extra logits processors, generate options) are given, which only generate understands."""
