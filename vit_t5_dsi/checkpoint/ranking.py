@@ -240,7 +240,7 @@ def rank_by_generation(model, index: ImageIndex, k: int = 10, pixel_values=None,
     shut out a better long one).
 
     `search`: "trie" runs `trie_beam_search`, which returns what generate returns (same ids,
-    order and scores) with less overhead per step (1.1-2.2x faster, docs/index_at_scale.md); "generate" runs
+    order and scores) with less overhead per step (1.5-3.6x faster, docs/index_at_scale.md); "generate" runs
     `model.generate` with the trie's logits processor; "auto" (the default) is "trie" unless `generate_kwargs`
     (extra logits processors, generate options) are given, which only generate understands."""
     if k < 1:
